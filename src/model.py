@@ -1,0 +1,270 @@
+"""The RWKV-7 ("x070") language model as a Lightning module; reads like RECIPE.md sections 1, 3, 4 and 5."""
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from src.config import ModelConfig, OptimConfig
+from src.wkv7 import wkv7, wkv7_torch
+
+
+def token_shift(x, x_prev=None):
+    """shift(x)[t] = x[t-1]; at t = 0 zero, or the previous call's last token when decoding with a state.
+    Returns shift(x) - x."""
+    if x_prev is None:
+        return F.pad(x, (0, 0, 1, -1)) - x
+    return torch.cat((x_prev.unsqueeze(1), x[:, :-1]), dim=1) - x
+
+
+def ortho_(matrix, scale):
+    """RECIPE.md section 3 ortho(M, s): orthogonal with gain s * sqrt(rows/cols) when rows > cols."""
+    rows, cols = matrix.shape
+    gain = math.sqrt(rows / cols) if rows > cols else 1.0
+    return nn.init.orthogonal_(matrix, gain=scale * gain)
+
+
+class TimeMix(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_head, self.head_size = cfg.n_head, cfg.head_size
+        C, H, N, L = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.n_layer
+        D_w, D_a, D_v, D_g = cfg.lora_dims
+
+        r1 = 1.0 - layer_id / L                             # 1 to almost 0
+        r0 = layer_id / (L - 1) if L > 1 else 0.0           # 0 to 1
+        ddd = (torch.arange(C, dtype=torch.float32) / C).view(1, 1, C)
+        n = torch.arange(C, dtype=torch.float32)
+
+        def vec(values):
+            return nn.Parameter(values.reshape(1, 1, C).clone())
+
+        self.x_r = vec(1.0 - ddd ** (0.2 * r1))
+        self.x_w = vec(1.0 - ddd ** (0.9 * r1))
+        self.x_k = vec(1.0 - (ddd ** (0.9 * r1) + 0.4 * r0))
+        self.x_v = vec(1.0 - (ddd ** (0.4 * r1) + 0.6 * r0))
+        self.x_a = vec(1.0 - ddd ** (0.9 * r1))
+        self.x_g = vec(1.0 - ddd ** (0.2 * r1))
+
+        self.w0 = vec(-7.0 + 5.0 * (n / (C - 1)) ** (0.85 + 1.0 * r0 ** 0.5) + 0.5)
+        self.w1 = nn.Parameter(torch.zeros(C, D_w))
+        self.w2 = nn.Parameter(ortho_(torch.empty(D_w, C), 0.1))
+        self.a0 = vec(torch.zeros(C))
+        self.a1 = nn.Parameter(torch.zeros(C, D_a))
+        self.a2 = nn.Parameter(ortho_(torch.empty(D_a, C), 0.1))
+        self.v0 = vec(torch.ones(C))    # layer 0 owns v0/v1/v2 unused, so every block has the same keys
+        self.v1 = nn.Parameter(torch.zeros(C, D_v))
+        self.v2 = nn.Parameter(ortho_(torch.empty(D_v, C), 0.1))
+        self.g1 = nn.Parameter(torch.zeros(C, D_g))
+        self.g2 = nn.Parameter(ortho_(torch.empty(D_g, C), 0.1))
+        self.k_k = vec(torch.full((C,), 0.85))
+        self.k_a = vec(torch.ones(C))
+        self.r_k = nn.Parameter(torch.zeros(H, N))
+
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+        with torch.no_grad():
+            self.ln_x.weight.fill_(((1 + layer_id) / L) ** 0.7)
+
+    def forward(self, x, v_first, state=None):
+        """state: None when training from a zero state, else (last input token [B,C], WKV state [B,H,N,N])."""
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        xx = token_shift(x, None if state is None else state[0])
+        xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+
+        r = self.receptance(xr)
+        w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - 0.5   # soft clamp to (-inf, -0.5)
+        k = self.key(xk)
+        v = self.value(xv)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)   # value residual
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)                          # in-context learning rate
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
+        k = k * (1 + (a - 1) * self.k_a)
+
+        heads = [t.view(B, T, H, N) for t in (r, w, k, v)]
+        if state is None:
+            y, new_state = wkv7(*heads, -kk, kk * a.view(B, T, H, N)), None
+        else:   # decoding: carry the fp32 state across calls
+            y, wkv_state = wkv7_torch(*heads, -kk, kk * a.view(B, T, H, N), state[1])
+            y, new_state = y.to(x.dtype), (x[:, -1], wkv_state)
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        r, k, v = heads[0], heads[2], heads[3]
+        y = y + ((r * k * self.r_k).sum(dim=-1, keepdim=True) * v).view(B, T, C)
+        return self.output(y * g), v_first, new_state
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        C = cfg.n_embd
+        ddd = (torch.arange(C, dtype=torch.float32) / C).view(1, 1, C)
+        self.x_k = nn.Parameter(1.0 - ddd ** ((1.0 - layer_id / cfg.n_layer) ** 4))
+        self.key = nn.Linear(C, cfg.dim_ffn, bias=False)
+        self.value = nn.Linear(cfg.dim_ffn, C, bias=False)
+
+    def forward(self, x, x_prev=None):
+        k = self.key(x + token_shift(x, x_prev) * self.x_k)
+        return self.value(torch.relu(k) ** 2)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        C = cfg.n_embd
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(C)
+        self.ln1 = nn.LayerNorm(C)
+        self.ln2 = nn.LayerNorm(C)
+        self.att = TimeMix(cfg, layer_id)
+        self.ffn = ChannelMix(cfg, layer_id)
+
+    def forward(self, x, v_first, state=None):
+        """state: None for training, else (att x_prev, att WKV state, ffn x_prev); returns the next state too."""
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        x_att = self.ln1(x)
+        dx, v_first, att_state = self.att(x_att, v_first, None if state is None else state[:2])
+        x = x + dx
+        x_ffn = self.ln2(x)
+        x = x + self.ffn(x_ffn, None if state is None else state[2])
+        new_state = None if state is None else (*att_state, x_ffn[:, -1])
+        return x, v_first, new_state
+
+
+class L2Wrap(torch.autograd.Function):
+    """Identity on the loss; in backward, adds max_logit * 1e-4 / (B*T) to each position's argmax logit."""
+
+    @staticmethod
+    def forward(ctx, loss, logits):
+        ctx.save_for_backward(logits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (logits,) = ctx.saved_tensors
+        factor = 1e-4 / (logits.shape[0] * logits.shape[1])
+        max_logit, argmax = torch.max(logits, -1, keepdim=True)
+        grad_logits = torch.zeros_like(logits).scatter_(-1, argmax, max_logit * factor)
+        return grad_output, grad_logits
+
+
+class RWKV(pl.LightningModule):
+    def __init__(self, cfg: ModelConfig, optim: OptimConfig = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg, self.optim = cfg, optim or OptimConfig()
+        C, V = cfg.n_embd, cfg.vocab_size
+        self.emb = nn.Embedding(V, C)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.ln_out = nn.LayerNorm(C)
+        self.head = nn.Linear(C, V, bias=False)
+
+    def forward(self, idx):
+        """Logits [B,T,V] for token ids [B,T], from a zero state (training and evaluation)."""
+        x = self.emb(idx)
+        v_first = torch.empty_like(x)   # set by block 0
+        for block in self.blocks:
+            if self.cfg.grad_cp and self.training:
+                x, v_first = self._checkpointed(block, x, v_first)
+            else:
+                x, v_first, _ = block(x, v_first)
+        return self.head(self.ln_out(x))
+
+    def zero_state(self, batch_size):
+        C, H, N = self.cfg.n_embd, self.cfg.n_head, self.cfg.head_size
+        p = self.emb.weight
+        return [(p.new_zeros(batch_size, C), torch.zeros(batch_size, H, N, N, device=p.device), p.new_zeros(batch_size, C))
+                for _ in self.blocks]
+
+    @torch.no_grad()
+    def forward_with_state(self, idx, state):
+        """Recurrent evaluation: logits [B,T,V] for idx [B,T] continuing from `state`, and the next state.
+        Constant work per token for T = 1 (sampling)."""
+        x = self.emb(idx)
+        v_first = torch.empty_like(x)
+        next_state = []
+        for block, block_state in zip(self.blocks, state):
+            x, v_first, block_state = block(x, v_first, block_state)
+            next_state.append(block_state)
+        return self.head(self.ln_out(x)), next_state
+
+    def _checkpointed(self, block, x, v_first):
+        def run(x, v_first):
+            return block(x, v_first)[:2]
+        if self.cfg.deepspeed_checkpointing:
+            import deepspeed
+            return deepspeed.checkpointing.checkpoint(run, x, v_first)
+        return torch.utils.checkpoint.checkpoint(run, x, v_first, use_reentrant=False)
+
+    def training_step(self, batch, batch_idx):
+        idx, targets = batch
+        logits = self(idx)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return L2Wrap.apply(loss, logits)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """The matrix init of RECIPE.md section 3, applied over the modules' own init (train_stage 1)."""
+        C, V = self.cfg.n_embd, self.cfg.vocab_size
+        nn.init.uniform_(self.emb.weight, a=-1e-4, b=1e-4)
+        ortho_(self.head.weight, 0.5)   # gain 0.5 * sqrt(V/C) when V > C
+        for block in self.blocks:
+            for ln in [block.ln1, block.ln2] + ([block.ln0] if block.layer_id == 0 else []):
+                nn.init.ones_(ln.weight)
+                nn.init.zeros_(ln.bias)
+            nn.init.zeros_(block.att.output.weight)
+            nn.init.zeros_(block.ffn.value.weight)
+            ortho_(block.att.key.weight, 0.1)
+            for m in (block.att.receptance, block.att.value, block.ffn.key):
+                ortho_(m.weight, 1.0)
+        nn.init.ones_(self.ln_out.weight)
+        nn.init.zeros_(self.ln_out.bias)
+
+    def param_groups(self):
+        """RECIPE.md section 4: names for lr x1, lr x2 (att.w0) and weight decay."""
+        wd, layerwise = self.optim.weight_decay, self.optim.layerwise_lr > 0
+        lr_1x, lr_2x, decay = [], [], []
+        for name, p in self.named_parameters():
+            if "att.w0" in name and layerwise:
+                lr_2x.append(name)
+            elif wd > 0 and ".weight" in name and p.squeeze().dim() >= 2:
+                decay.append(name)
+            else:
+                lr_1x.append(name)
+        return lr_1x, lr_2x, decay
+
+    def configure_optimizers(self):
+        o = self.optim
+        params = dict(self.named_parameters())
+        lr_1x, lr_2x, decay = self.param_groups()
+        groups = [
+            {"params": [params[n] for n in lr_1x], "weight_decay": 0.0, "my_lr_scale": 1.0},
+            {"params": [params[n] for n in lr_2x], "weight_decay": 0.0, "my_lr_scale": 2.0},
+        ]
+        if o.weight_decay > 0:
+            groups.append({"params": [params[n] for n in decay], "weight_decay": o.weight_decay, "my_lr_scale": 1.0})
+        groups = [g for g in groups if g["params"]]
+        betas, decoupled = (o.beta1, o.beta2), o.weight_decay > 0
+        if o.optimizer == "fused":
+            from deepspeed.ops.adam import FusedAdam
+            return FusedAdam(groups, lr=o.lr_init, betas=betas, eps=o.adam_eps, bias_correction=True,
+                             adam_w_mode=decoupled, amsgrad=False)
+        if o.optimizer == "cpu_adam":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            return DeepSpeedCPUAdam(groups, lr=o.lr_init, betas=betas, eps=o.adam_eps, bias_correction=True,
+                                    adamw_mode=decoupled, amsgrad=False)
+        optimizer_class = torch.optim.AdamW if decoupled else torch.optim.Adam
+        return optimizer_class(groups, lr=o.lr_init, betas=betas, eps=o.adam_eps)

@@ -1,0 +1,224 @@
+"""The RWKV-7 model against RECIPE.md sections 1, 3, 4, 5 and against the `rwkv` PyPI package."""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from src.config import ConfigError, ModelConfig, OptimConfig
+from src.model import RWKV, L2Wrap
+
+
+def expected_shapes(L, C, V, N=64, F_=None):
+    """RECIPE.md section 1's state-dict table, written out independently of the model code."""
+    H = C // N
+    F_ = F_ or 4 * C
+    r = lambda f, p: max(32, round(f * C**p / 32) * 32)
+    Dw, Dv, Dg = r(1.8, 0.5), r(1.3, 0.5), r(0.6, 0.8)
+    shapes = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,)}
+    for l in range(L):
+        p = f"blocks.{l}."
+        for ln in ("ln1", "ln2"):
+            shapes[p + ln + ".weight"] = shapes[p + ln + ".bias"] = (C,)
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a"):
+            shapes[p + "att." + name] = (1, 1, C)
+        for name, d in (("w", Dw), ("a", Dw), ("v", Dv), ("g", Dg)):
+            shapes[p + f"att.{name}1"] = (C, d)
+            shapes[p + f"att.{name}2"] = (d, C)
+        shapes[p + "att.r_k"] = (H, N)
+        for name in ("receptance", "key", "value", "output"):
+            shapes[p + f"att.{name}.weight"] = (C, C)
+        shapes[p + "att.ln_x.weight"] = shapes[p + "att.ln_x.bias"] = (C,)
+        shapes[p + "ffn.x_k"] = (1, 1, C)
+        shapes[p + "ffn.key.weight"] = (F_, C)
+        shapes[p + "ffn.value.weight"] = (C, F_)
+    shapes["ln_out.weight"] = shapes["ln_out.bias"] = (C,)
+    shapes["head.weight"] = (V, C)
+    return shapes
+
+
+@pytest.mark.parametrize("L,C,count", [(12, 768, 191_084_544), (18, 1024, 372_860_928), (24, 2048, 1_527_668_736)])
+def test_state_dict_matches_spec(L, C, count):
+    with torch.device("meta"):
+        model = RWKV(ModelConfig(n_layer=L, n_embd=C, vocab_size=65536))
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == expected_shapes(L, C, 65536)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_lora_widths_table():
+    assert ModelConfig(1, 768).lora_dims == (64, 64, 32, 128)
+    assert ModelConfig(1, 1024).lora_dims == (64, 64, 32, 160)
+    assert ModelConfig(1, 2048).lora_dims == (96, 96, 64, 256)
+
+
+@pytest.mark.parametrize("kwargs,hint", [
+    (dict(n_layer=2, n_embd=100, head_size=64), "head_size"),
+    (dict(n_layer=2, n_embd=80, head_size=16), "multiple of 32"),
+    (dict(n_layer=2, n_embd=128, dim_att=256), "--dim_att"),
+    (dict(n_layer=0, n_embd=128), "--n_layer"),
+])
+def test_impossible_shapes_are_refused(kwargs, hint):
+    with pytest.raises(ConfigError, match=hint):
+        RWKV(ModelConfig(**kwargs))
+
+
+def assert_orthogonal(w, gain):
+    w = w.double()
+    rows, cols = w.shape
+    gram = w.T @ w if rows >= cols else w @ w.T
+    assert torch.allclose(gram, gain**2 * torch.eye(min(rows, cols), dtype=torch.float64), atol=1e-4 * max(1, gain**2))
+
+
+def check_init(sd, L, C, V):
+    """Every rule of RECIPE.md section 3, measured on a state dict."""
+    ddd = torch.arange(C, dtype=torch.float64) / C
+    n = torch.arange(C, dtype=torch.float64)
+    emb = sd["emb.weight"].double()
+    assert emb.abs().max() <= 1e-4 and emb.abs().max() > 0.9e-4 and emb.std() > 5e-5
+    assert_orthogonal(sd["head.weight"], 0.5 * math.sqrt(V / C) if V > C else 0.5)
+    for name in ["ln_out", "blocks.0.ln0"] + [f"blocks.{l}.ln{i}" for l in range(L) for i in (1, 2)]:
+        assert torch.all(sd[name + ".weight"] == 1) and torch.all(sd[name + ".bias"] == 0)
+    tol = dict(atol=1e-2, rtol=0) if sd["emb.weight"].dtype == torch.bfloat16 else dict(atol=1e-6, rtol=0)
+    for l in range(L):
+        p = f"blocks.{l}.att."
+        r1, r0 = 1 - l / L, (l / (L - 1) if L > 1 else 0.0)
+        vec = lambda name: sd[p + name].double().view(C)
+        want = {
+            "x_r": 1 - ddd ** (0.2 * r1), "x_w": 1 - ddd ** (0.9 * r1),
+            "x_k": 1 - (ddd ** (0.9 * r1) + 0.4 * r0), "x_v": 1 - (ddd ** (0.4 * r1) + 0.6 * r0),
+            "x_a": 1 - ddd ** (0.9 * r1), "x_g": 1 - ddd ** (0.2 * r1),
+            "w0": -7 + 5 * (n / (C - 1)) ** (0.85 + r0**0.5) + 0.5,
+            "a0": torch.zeros(C), "v0": torch.ones(C), "k_k": torch.full((C,), 0.85), "k_a": torch.ones(C),
+        }
+        for name, value in want.items():
+            assert torch.allclose(vec(name), value.double(), **tol), (l, name)
+        for name in ("w1", "a1", "v1", "g1", "r_k"):
+            assert torch.all(sd[p + name] == 0), (l, name)
+        for name in ("w2", "a2", "v2", "g2"):
+            assert_orthogonal(sd[p + name], 0.1)
+        assert torch.allclose(sd[p + "ln_x.weight"].double(), torch.full((C,), ((1 + l) / L) ** 0.7, dtype=torch.float64), **tol)
+        assert torch.all(sd[p + "ln_x.bias"] == 0)
+        assert torch.all(sd[p + "output.weight"] == 0)
+        assert torch.all(sd[f"blocks.{l}.ffn.value.weight"] == 0)
+        assert_orthogonal(sd[p + "key.weight"], 0.1)
+        assert_orthogonal(sd[p + "receptance.weight"], 1.0)
+        assert_orthogonal(sd[p + "value.weight"], 1.0)
+        assert_orthogonal(sd[f"blocks.{l}.ffn.key.weight"], 2.0)   # [4C, C]: gain sqrt(4C/C)
+        ffn_x_k = sd[f"blocks.{l}.ffn.x_k"].double().view(C)
+        assert torch.allclose(ffn_x_k, 1 - ddd ** (r1**4), **tol)
+
+
+def test_init_rules_hold():
+    torch.manual_seed(1)
+    L, C, V = 3, 128, 500
+    model = RWKV(ModelConfig(n_layer=L, n_embd=C, vocab_size=V))
+    model.init_weights()
+    check_init({k: v.float() for k, v in model.state_dict().items()}, L, C, V)
+
+
+def make_model(L=2, C=128, V=300, seed=0, perturb=True, **cfg):
+    torch.manual_seed(seed)
+    model = RWKV(ModelConfig(n_layer=L, n_embd=C, vocab_size=V, **cfg))
+    model.init_weights()
+    if perturb:   # move every tensor away from its init so that none is trivially zero
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * (0.1 if p.dim() < 2 else 0.05))
+    return model
+
+
+def test_param_groups():
+    model = make_model(perturb=False)
+    names = dict(model.named_parameters())
+    lr_1x, lr_2x, decay = model.param_groups()
+    assert lr_2x == [n for n in names if n.endswith("att.w0")] and len(lr_2x) == 2
+    assert decay == [] and set(lr_1x) == set(names) - set(lr_2x)
+
+    model.optim = OptimConfig(weight_decay=0.1)
+    lr_1x, lr_2x, decay = model.param_groups()
+    matrices = {"emb.weight", "head.weight"} | {f"blocks.{l}.{m}.weight" for l in range(2) for m in
+                                                ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")}
+    assert set(decay) == matrices
+    assert "blocks.0.att.w1" in lr_1x and "blocks.1.ln1.weight" in lr_1x and "blocks.0.att.ln_x.weight" in lr_1x
+    assert set(lr_1x) | set(lr_2x) | set(decay) == set(names)
+
+    model.optim = OptimConfig(weight_decay=0.1, layerwise_lr=0)
+    lr_1x, lr_2x, decay = model.param_groups()
+    assert lr_2x == [] and "blocks.0.att.w0" in lr_1x
+
+    opt = model.configure_optimizers()
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["my_lr_scale"] for g in opt.param_groups] == [1.0, 1.0]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.1]
+
+
+def test_loss_is_cross_entropy_and_l2wrap_gradient():
+    torch.manual_seed(0)
+    B, T, V = 2, 5, 11
+    logits = (torch.randn(B, T, V) * 3).requires_grad_()
+    targets = torch.randint(0, V, (B, T))
+    ce = F.cross_entropy(logits.view(-1, V), targets.view(-1))
+    loss = L2Wrap.apply(ce, logits)
+    assert loss.item() == ce.item()
+    loss.backward()
+
+    plain = logits.detach().clone().requires_grad_()
+    F.cross_entropy(plain.view(-1, V), targets.view(-1)).backward()
+    extra = logits.grad - plain.grad
+    max_logit, argmax = logits.detach().max(-1)
+    expected = torch.zeros(B, T, V)
+    for b in range(B):
+        for t in range(T):
+            expected[b, t, argmax[b, t]] = max_logit[b, t] * 1e-4 / (B * T)
+    assert expected.abs().max() > 1e-5
+    assert torch.allclose(extra, expected, rtol=0, atol=5e-8)
+
+
+def test_training_step_loss_and_grad_cp_match():
+    torch.manual_seed(0)
+    idx, targets = torch.randint(0, 300, (2, 24)), torch.randint(0, 300, (2, 24))
+    grads = []
+    for grad_cp in (0, 1):
+        model = make_model(grad_cp=grad_cp)
+        loss = model.training_step((idx, targets), 0)
+        logits = model(idx)
+        assert torch.allclose(loss, F.cross_entropy(logits.view(-1, 300), targets.view(-1)))
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_recurrent_logits_equal_parallel():
+    model = make_model(L=3).eval()
+    idx = torch.randint(0, 300, (2, 20))
+    parallel = model(idx)
+    state, steps = model.zero_state(2), []
+    for t in range(0, 20, 7):   # uneven pieces: carrying the state must not depend on how the input is cut
+        logits, state = model.forward_with_state(idx[:, t:t + 7], state)
+        steps.append(logits)
+    assert torch.allclose(torch.cat(steps, dim=1), parallel, atol=1e-5, rtol=1e-5)
+
+
+def test_rwkv_package_runs_our_checkpoint(tmp_path):
+    """Independent oracle: the `rwkv` PyPI package loads our state dict unchanged and agrees on logits."""
+    os.environ["RWKV_V7_ON"] = "1"
+    from rwkv.model import RWKV as PackageRWKV
+
+    model = make_model(L=3, C=128, V=1000).eval()
+    torch.save(model.state_dict(), tmp_path / "tiny.pth")
+    package = PackageRWKV(str(tmp_path / "tiny"), "cpu fp32")
+
+    idx = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3))
+    ours = model(idx[None])[0]
+    theirs, _ = package.forward(idx.tolist(), None, full_output=True)
+    scale = theirs.abs().max()
+    assert scale > 1
+    assert (ours - theirs).abs().max() <= 1e-4 * scale
+
+    state, stepwise = None, []
+    for token in idx[:16].tolist():
+        logits, state = package.forward([token], state)
+        stepwise.append(logits)
+    assert (torch.stack(stepwise) - ours[:16]).abs().max() <= 1e-4 * scale
