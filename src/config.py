@@ -66,3 +66,95 @@ class OptimConfig:
     weight_decay: float = 0.0
     layerwise_lr: int = 1     # 0: every parameter at lr x1 (no x2 for att.w0)
     optimizer: str = "torch"  # "fused" (DeepSpeed FusedAdam), "cpu_adam" (DeepSpeedCPUAdam), "torch"
+
+
+@dataclass
+class TrainConfig:
+    """Every flag of train.py (the reference recipe's names, meanings and defaults)."""
+    load_model: str = ""
+    wandb: str = ""               # wandb project; empty means off
+    proj_dir: str = "out"
+    random_seed: int = -1
+    data_file: str = ""
+    data_type: str = "binidx"     # binidx | jsonl
+    vocab_size: int = 65536
+    ctx_len: int = 1024
+    epoch_steps: int = 1000       # binidx: derived as 40320 // real_bsz
+    epoch_count: int = 500        # binidx: derived as magic_prime // 40320
+    epoch_begin: int = 0
+    epoch_save: int = 5
+    micro_bsz: int = 12
+    n_layer: int = 6
+    n_embd: int = 512
+    dim_att: int = 0
+    dim_ffn: int = 0
+    lr_init: float = 6e-4
+    lr_final: float = 1e-5
+    warmup_steps: int = -1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    adam_eps: float = 1e-18
+    grad_cp: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    train_stage: int = 0
+    ds_bucket_mb: int = 200
+    head_size: int = 64
+    load_partial: int = 0
+    magic_prime: int = 0
+    my_testing: str = "x070"
+    my_exit_tokens: int = 0
+    layerwise_lr: int = 1
+    accelerator: str = "gpu"
+    devices: int = 1
+    num_nodes: int = 1
+    precision: str = "bf16"       # fp32 | tf32 | fp16 | bf16 (32 / 16 accepted)
+    strategy: str = "auto"
+    enable_progress_bar: bool = True
+
+    @property
+    def real_bsz(self) -> int:
+        return self.num_nodes * self.devices * self.micro_bsz
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.strategy.startswith("deepspeed")
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(n_layer=self.n_layer, n_embd=self.n_embd, vocab_size=self.vocab_size,
+                           head_size=self.head_size, dim_att=self.dim_att, dim_ffn=self.dim_ffn, grad_cp=self.grad_cp,
+                           deepspeed_checkpointing=self.uses_deepspeed and self.accelerator == "gpu")
+
+    def optim_config(self) -> OptimConfig:
+        optimizer = "torch"
+        if self.uses_deepspeed:
+            optimizer = "cpu_adam" if "offload" in self.strategy else "fused"
+        return OptimConfig(lr_init=self.lr_init, lr_final=self.lr_final, beta1=self.beta1, beta2=self.beta2,
+                           adam_eps=self.adam_eps, weight_decay=self.weight_decay, layerwise_lr=self.layerwise_lr,
+                           optimizer=optimizer)
+
+    def validate(self):
+        """Flag checks that need no data and no model; raises ConfigError naming the flag and the fix."""
+        if self.my_testing != "x070":
+            raise ConfigError(f"--my_testing {self.my_testing!r}: this recipe trains RWKV-7 only; use --my_testing x070")
+        if self.data_type not in ("binidx", "jsonl"):
+            raise ConfigError(f"--data_type {self.data_type!r}: use binidx (a .bin/.idx pair) or jsonl (.jsonl/.jsonl.zst shards)")
+        if self.ctx_len < 16 or self.ctx_len % 16 != 0:
+            fix = max(16, round(self.ctx_len / 16) * 16)
+            raise ConfigError(f"--ctx_len {self.ctx_len} must be a positive multiple of 16 (the kernel's chunk); try --ctx_len {fix}")
+        for flag in ("micro_bsz", "devices", "num_nodes", "epoch_save", "head_size"):
+            if getattr(self, flag) < 1:
+                raise ConfigError(f"--{flag} {getattr(self, flag)} must be at least 1")
+        if self.epoch_begin < 0:
+            raise ConfigError(f"--epoch_begin {self.epoch_begin} must be >= 0")
+        if self.precision not in ("fp32", "tf32", "fp16", "bf16", "32", "16"):
+            raise ConfigError(f"--precision {self.precision!r}: use fp32, tf32, fp16 or bf16")
+        if self.accelerator not in ("gpu", "cuda", "cpu"):
+            raise ConfigError(f"--accelerator {self.accelerator!r}: use gpu or cpu")
+        if self.lr_init <= 0 or self.lr_final <= 0:
+            raise ConfigError(f"--lr_init {self.lr_init} and --lr_final {self.lr_final} must be > 0")
+        if self.train_stage >= 2 and self.uses_deepspeed and self.accelerator == "cpu":
+            raise ConfigError(f"--strategy {self.strategy} needs GPUs; on CPU train with --strategy auto")
+        if self.data_type == "jsonl" and self.epoch_steps < 1:
+            raise ConfigError(f"--epoch_steps {self.epoch_steps}: the jsonl stream needs --epoch_steps >= 1")
+        self.model_config().validate()

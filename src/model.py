@@ -209,6 +209,10 @@ class RWKV(pl.LightningModule):
             return deepspeed.checkpointing.checkpoint(run, x, v_first)
         return torch.utils.checkpoint.checkpoint(run, x, v_first, use_reentrant=False)
 
+    def on_train_batch_start(self, batch, batch_idx):
+        # the LR schedule ends the run before a step once its progress reaches 1 (RECIPE.md section 6)
+        return -1 if self.trainer.should_stop else None
+
     def training_step(self, batch, batch_idx):
         idx, targets = batch
         logits = self(idx)

@@ -65,10 +65,11 @@ def test_impossible_shapes_are_refused(kwargs, hint):
 
 
 def assert_orthogonal(w, gain):
+    tol = 3e-2 if w.dtype == torch.bfloat16 else 1e-4   # bf16 keeps 8 bits of mantissa
     w = w.double()
     rows, cols = w.shape
     gram = w.T @ w if rows >= cols else w @ w.T
-    assert torch.allclose(gram, gain**2 * torch.eye(min(rows, cols), dtype=torch.float64), atol=1e-4 * max(1, gain**2))
+    assert torch.allclose(gram, gain**2 * torch.eye(min(rows, cols), dtype=torch.float64), rtol=0, atol=tol * gain**2)
 
 
 def check_init(sd, L, C, V):
@@ -76,11 +77,11 @@ def check_init(sd, L, C, V):
     ddd = torch.arange(C, dtype=torch.float64) / C
     n = torch.arange(C, dtype=torch.float64)
     emb = sd["emb.weight"].double()
-    assert emb.abs().max() <= 1e-4 and emb.abs().max() > 0.9e-4 and emb.std() > 5e-5
+    assert 0.9e-4 < emb.abs().max() <= 1e-4 * 1.004 and emb.std() > 5e-5   # 1.004: bf16 rounding of the bound
     assert_orthogonal(sd["head.weight"], 0.5 * math.sqrt(V / C) if V > C else 0.5)
     for name in ["ln_out", "blocks.0.ln0"] + [f"blocks.{l}.ln{i}" for l in range(L) for i in (1, 2)]:
         assert torch.all(sd[name + ".weight"] == 1) and torch.all(sd[name + ".bias"] == 0)
-    tol = dict(atol=1e-2, rtol=0) if sd["emb.weight"].dtype == torch.bfloat16 else dict(atol=1e-6, rtol=0)
+    tol = dict(atol=1e-3, rtol=8e-3) if sd["emb.weight"].dtype == torch.bfloat16 else dict(atol=1e-6, rtol=0)
     for l in range(L):
         p = f"blocks.{l}.att."
         r1, r0 = 1 - l / L, (l / (L - 1) if L > 1 else 0.0)

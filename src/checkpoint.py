@@ -1,0 +1,114 @@
+"""Checkpoints (RECIPE.md section 8): plain state dicts, written atomically, resumed from the newest readable one."""
+import os
+import re
+import time
+
+import torch
+
+CHECKPOINT_NAME = re.compile(r"^rwkv-(init|final|\d+)\.pth$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_atomic(state_dict, path):
+    """torch.save to a temporary file beside `path`, fsync, then rename: a crash or a full disk never leaves a
+    truncated file under the real name, and the file already there stays intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state_dict, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CheckpointError(f"could not write checkpoint {path}: {e}. "
+                              f"Any earlier checkpoint in {os.path.dirname(path) or '.'} is untouched; "
+                              f"free disk space and restart with the same command to resume.") from e
+
+
+def numbered_checkpoints(proj_dir):
+    """[(n, path)] for rwkv-<n>.pth and rwkv-init.pth (n = -1), newest first; rwkv-final.pth is not resumed from."""
+    found = []
+    for name in os.listdir(proj_dir) if os.path.isdir(proj_dir) else []:
+        m = CHECKPOINT_NAME.match(name)
+        if m and m.group(1) != "final":
+            found.append((-1 if m.group(1) == "init" else int(m.group(1)), os.path.join(proj_dir, name)))
+    return sorted(found, reverse=True)
+
+
+def load_state_dict(path):
+    """Load a checkpoint file; CheckpointError (naming the file) if it is missing, truncated or not a state dict."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # torch raises several types for truncated or corrupt zip files
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"checkpoint {path} is not a plain state dict of tensors")
+    return state_dict
+
+
+def load_newest(proj_dir, log=print):
+    """(n, path, state_dict) of the newest readable numbered checkpoint, falling back past unreadable ones."""
+    candidates = numbered_checkpoints(proj_dir)
+    if not candidates:
+        raise CheckpointError(f"no rwkv-init.pth or rwkv-<n>.pth in {proj_dir}: write the init first "
+                              f"(--train_stage 1, e.g. demo-training-prepare.sh)")
+    for n, path in candidates:
+        try:
+            return n, path, load_state_dict(path)
+        except CheckpointError as e:
+            log(f"WARNING: {e}; falling back to the previous checkpoint")
+    raise CheckpointError(f"every checkpoint in {proj_dir} is unreadable: {[p for _, p in candidates]}")
+
+
+def model_shape(state_dict):
+    """The flags a state dict was trained with, read off its tensors."""
+    vocab_size, n_embd = state_dict["emb.weight"].shape
+    n_head, head_size = state_dict["blocks.0.att.r_k"].shape
+    n_layer = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+    return dict(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, head_size=head_size,
+                dim_ffn=state_dict["blocks.0.ffn.key.weight"].shape[0])
+
+
+def check_compatible(state_dict, model_state, path, load_partial=False):
+    """Refuse a checkpoint of another shape with the mismatched tensors and the flags it needs; with
+    load_partial, tensors missing from the file are taken from the model's init (same shapes still required)."""
+    wrong = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in model_state.items() if k in state_dict and state_dict[k].shape != v.shape]
+    missing = [k for k in model_state if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in model_state]
+    if wrong or unexpected or (missing and not load_partial):
+        try:
+            flags = " ".join(f"--{k} {v}" for k, v in model_shape(state_dict).items())
+            hint = f"the file was trained with {flags}"
+        except (KeyError, ValueError):
+            hint = "the file lacks the keys to tell its shape"
+        problems = wrong[:10] + [f"missing in file: {k}" for k in missing[:10]] + [f"not in model: {k}" for k in unexpected[:10]]
+        partial = " (or --load_partial 1 to fill tensors missing from the file with the init)" if missing and not wrong else ""
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {len(wrong)} tensors of another shape, "
+                              f"{len(missing)} missing, {len(unexpected)} unexpected:\n  " + "\n  ".join(problems) +
+                              f"\n{hint}; change the flags to match{partial}")
+    if missing:
+        state_dict = dict(state_dict)
+        for k in missing:
+            state_dict[k] = model_state[k]
+    return state_dict
+
+
+def move_aside(proj_dir, log=print):
+    """Before a new init: move existing rwkv-*.pth into proj_dir/previous-<time>/ instead of deleting them."""
+    old = [name for name in sorted(os.listdir(proj_dir)) if CHECKPOINT_NAME.match(name)]
+    if not old:
+        return None
+    dest = os.path.join(proj_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
+    os.makedirs(dest)
+    for name in old:
+        os.replace(os.path.join(proj_dir, name), os.path.join(dest, name))
+    log(f"moved {len(old)} earlier checkpoints ({', '.join(old[:4])}{'...' if len(old) > 4 else ''}) to {dest}")
+    return dest

@@ -1,0 +1,137 @@
+"""The training loop around the model: LR schedule (RECIPE.md section 6), logs and checkpoints (section 8)."""
+import datetime
+import math
+import os
+import time
+from dataclasses import asdict
+
+import pytorch_lightning as pl
+import torch
+
+from src.checkpoint import save_atomic
+from src.config import TrainConfig
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def lr_schedule(cfg: TrainConfig, step_in_run: int):
+    """(lr, progress) before step `step_in_run` of this run; cfg.warmup_steps is already resolved (>= 0)."""
+    real_step = step_in_run + cfg.epoch_begin * cfg.epoch_steps
+    tokens_per_step = cfg.ctx_len * cfg.real_bsz
+    horizon = cfg.my_exit_tokens if cfg.my_exit_tokens > 0 else cfg.epoch_count * cfg.epoch_steps * tokens_per_step
+    warmup_tokens = cfg.warmup_steps * tokens_per_step
+    progress = (real_step * tokens_per_step - warmup_tokens) / (horizon - warmup_tokens)
+    progress = min(1.0, max(0.0, progress))
+    f = cfg.lr_final / cfg.lr_init
+    lr = cfg.lr_init * ((0.5 + f / 2) + (0.5 - f / 2) * math.cos(math.pi * progress))
+    if step_in_run < cfg.warmup_steps:
+        lr *= 0.01 + 0.99 * step_in_run / cfg.warmup_steps
+    return lr, progress
+
+
+def checkpoint_state_dict(trainer, pl_module):
+    """The full model weights as a plain state dict (gathered from every rank under ZeRO-3)."""
+    if getattr(trainer.strategy, "zero_stage_3", False):
+        import deepspeed
+        params = list(pl_module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+
+
+class TrainCallback(pl.Callback):
+    """Sets lr and weight decay before every step, keeps the mini-epoch loss, writes train_log.txt, wandb and
+    the checkpoints, and stops the run when the schedule's progress reaches 1."""
+
+    def __init__(self, cfg: TrainConfig, dataset):
+        self.cfg, self.dataset = cfg, dataset
+        self.finished = False
+        self.log_file = None
+        self.wandb = None
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self.log_file = open(os.path.join(self.cfg.proj_dir, "train_log.txt"), "a")
+            self.log_file.write(f"NEW RUN {datetime.datetime.now().strftime('%Y-%m-%d-%H-%M-%S')}\n{asdict(self.cfg)}\n")
+            self.log_file.flush()
+            if self.cfg.wandb:
+                import wandb
+                wandb.init(project=self.cfg.wandb, config=asdict(self.cfg), save_code=False,
+                           name=f"{os.path.basename(os.path.abspath(self.cfg.proj_dir))} {datetime.datetime.now():%Y-%m-%d %H:%M}")
+                self.wandb = wandb
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        # the sampler's position: which mini-epoch, and which share of it this rank reads
+        self.dataset.real_epoch = self.cfg.epoch_begin + trainer.current_epoch
+        self.dataset.global_rank = trainer.global_rank
+        self.dataset.world_size = trainer.world_size
+        self.loss_sum = torch.zeros((), device=pl_module.device, dtype=torch.float64)
+        self.loss_count = 0
+        self.epoch_start_time = self.step_time = time.time()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        lr, progress = lr_schedule(self.cfg, trainer.global_step)
+        if progress >= 1:
+            self.finish(trainer, pl_module)
+            return
+        for group in trainer.optimizers[0].param_groups:
+            group["lr"] = lr * group["my_lr_scale"]
+            if group["weight_decay"] > 0:
+                group["weight_decay"] = self.cfg.weight_decay
+        self.lr = lr
+
+    def finish(self, trainer, pl_module):
+        """Progress reached 1: write rwkv-final.pth and stop before this step."""
+        state_dict = checkpoint_state_dict(trainer, pl_module)
+        if trainer.is_global_zero:
+            save_atomic(state_dict, os.path.join(self.cfg.proj_dir, "rwkv-final.pth"))
+            print(f"\nEnd of training: the schedule reached its horizon at step {trainer.global_step}; wrote rwkv-final.pth")
+        self.finished = True
+        trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"].detach()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            newest = [n for n in sorted(os.listdir(self.cfg.proj_dir)) if n.startswith("rwkv-") and n.endswith(".pth")]
+            raise TrainingDiverged(
+                f"loss became {loss_value} at step {trainer.global_step} (mini-epoch "
+                f"{self.cfg.epoch_begin + trainer.current_epoch}); no checkpoint was written from these weights. "
+                f"Checkpoints in {self.cfg.proj_dir}: {newest or 'none'}. Lower --lr_init or check the data, then resume.")
+        self.loss_sum += loss
+        self.loss_count += 1
+        now = time.time()
+        kt_s = self.cfg.real_bsz * self.cfg.ctx_len / max(now - self.step_time, 1e-9) / 1000
+        self.step_time = now
+        pl_module.log("lr", self.lr, prog_bar=True, on_step=True, logger=False)
+        pl_module.log("loss", (self.loss_sum / self.loss_count).float(), prog_bar=True, on_step=True, logger=False)
+        pl_module.log("Kt/s", kt_s, prog_bar=True, on_step=True, logger=False)
+        if self.wandb is not None:
+            real_step = trainer.global_step + self.cfg.epoch_begin * self.cfg.epoch_steps
+            self.wandb.log({"loss": loss_value, "lr": self.lr, "wd": self.cfg.weight_decay, "kt/s": kt_s,
+                            "Gtokens": real_step * self.cfg.real_bsz * self.cfg.ctx_len / 1e9}, step=real_step)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.finished or self.loss_count == 0:
+            return
+        mean_loss = trainer.strategy.reduce(self.loss_sum / self.loss_count, reduce_op="mean").item()
+        e = trainer.current_epoch
+        epoch = self.cfg.epoch_begin + e
+        if e % self.cfg.epoch_save == 0 or e == self.cfg.epoch_count - 1:
+            state_dict = checkpoint_state_dict(trainer, pl_module)
+            if trainer.is_global_zero:
+                save_atomic(state_dict, os.path.join(self.cfg.proj_dir, f"rwkv-{epoch}.pth"))
+        if trainer.is_global_zero:
+            self.log_file.write(f"{epoch} {mean_loss:.6f} {math.exp(mean_loss):.4f} {self.lr:.8f} "
+                                f"{datetime.datetime.now()} {e}\n")
+            self.log_file.flush()
+            if self.wandb is not None:
+                self.wandb.log({"epoch_loss": mean_loss, "epoch": epoch})
+
+    def on_train_end(self, trainer, pl_module):
+        if self.log_file is not None:
+            self.log_file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,130 @@
+"""train.py end to end on CPU (RECIPE.md sections 6 and 8) and the LR schedule against the spec's formula."""
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from src.binidx import write_binidx
+from src.config import TrainConfig
+from src.dataset import find_magic_prime
+from src.trainer import lr_schedule
+from tests.test_model import check_init
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(ROOT, "..", "shared", "data", "corpus", "train-00.jsonl.zst")
+LOG_LINE = re.compile(r"^(\d+) (\d+\.\d{6}) (\d+\.\d{4}) (\d+\.\d{8}) \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ (\d+)$")
+
+
+def spec_lr(step, epoch_begin, epoch_steps, ctx_len, real_bsz, warmup, exit_tokens, epoch_count, lr_init, lr_final):
+    """RECIPE.md section 6, transcribed line by line."""
+    real_step = step + epoch_begin * epoch_steps
+    tokens = lambda s: s * ctx_len * real_bsz
+    horizon = exit_tokens if exit_tokens > 0 else epoch_count * epoch_steps * real_bsz * ctx_len
+    progress = min(1, max(0, (tokens(real_step) - tokens(warmup)) / (horizon - tokens(warmup))))
+    f = lr_final / lr_init
+    lr = lr_init * ((0.5 + f / 2) + (0.5 - f / 2) * math.cos(math.pi * progress))
+    if step < warmup:
+        lr *= 0.01 + 0.99 * step / warmup
+    return lr, progress
+
+
+@pytest.mark.parametrize("exit_tokens,epoch_begin", [(1498226207, 0), (1498226207, 7), (0, 0), (0, 3)])
+def test_lr_schedule_matches_spec(exit_tokens, epoch_begin):
+    cfg = TrainConfig(ctx_len=512, micro_bsz=16, epoch_steps=2520, epoch_count=72, epoch_begin=epoch_begin,
+                      warmup_steps=10, my_exit_tokens=exit_tokens, lr_init=6e-4, lr_final=6e-5)
+    for step in (0, 1, 5, 9, 10, 11, 1000, 90000, 181439, 182888, 182889, 200000):
+        want = spec_lr(step, epoch_begin, 2520, 512, 16, 10, exit_tokens, 72, 6e-4, 6e-5)
+        got = lr_schedule(cfg, step)
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-15), step
+    if epoch_begin == 0:
+        assert lr_schedule(cfg, 0)[0] == pytest.approx(6e-4 * 0.01)   # warmup starts at 1% of lr_init
+    if exit_tokens and epoch_begin == 0:
+        # the MiniPile horizon: progress reaches 1 at 1498226207 / (512 * 16) = 182888.9 steps
+        assert lr_schedule(cfg, 182888)[1] < 1 <= lr_schedule(cfg, 182889)[1]
+    assert lr_schedule(cfg, 10**7)[0] == pytest.approx(6e-5)
+
+
+CTX, BSZ, VOCAB = 16, 5040, 256   # 40320 / 5040 = 8 steps per mini-epoch
+
+
+@pytest.fixture(scope="module")
+def byte_data(tmp_path_factory):
+    """Real English text as byte tokens (vocab 256): about two mini-epochs of ctx 16."""
+    import io
+    import json
+    import zstandard
+    data = bytearray()
+    with open(CORPUS, "rb") as f:
+        for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8"):
+            data += json.loads(line)["text"].encode("utf-8")[:200_000] + b"\0"
+            if len(data) >= 1_350_000:
+                break
+    tokens = np.frombuffer(bytes(data[:1_350_000]), dtype=np.uint8).astype(np.uint16)
+    prefix = str(tmp_path_factory.mktemp("data") / "bytes")
+    write_binidx(prefix, [tokens])
+    return prefix, find_magic_prime(len(tokens), CTX)
+
+
+def train(proj_dir, data, *extra, check=True):
+    prefix, magic_prime = data
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--proj_dir", str(proj_dir), "--data_file", prefix,
+           "--data_type", "binidx", "--vocab_size", str(VOCAB), "--ctx_len", str(CTX), "--n_layer", "1",
+           "--n_embd", "32", "--head_size", "32", "--micro_bsz", str(BSZ), "--magic_prime", str(magic_prime),
+           "--lr_init", "1e-2", "--lr_final", "3e-3", "--warmup_steps", "2", "--epoch_save", "1",
+           "--accelerator", "cpu", "--devices", "1", "--strategy", "auto", "--enable_progress_bar", "False",
+           *map(str, extra)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def log_lines(proj_dir):
+    lines = open(os.path.join(proj_dir, "train_log.txt")).read().splitlines()
+    return [LOG_LINE.match(line).groups() for line in lines if LOG_LINE.match(line)]
+
+
+EPOCH_TOKENS = 40320 * CTX
+
+
+def test_train_stage1_then_resume_and_fallback(byte_data, tmp_path):
+    proj = tmp_path / "run"
+    # stage 1 with the reference prepare flags (deepspeed strategy on CPU, bf16): writes the init, no Trainer
+    result = train(proj, byte_data, "--train_stage", "1", "--strategy", "deepspeed_stage_2", "--precision", "bf16")
+    assert "rwkv-init.pth" in result.stdout
+    init = torch.load(proj / "rwkv-init.pth", weights_only=True)
+    assert all(v.dtype == torch.bfloat16 for v in init.values())
+    check_init(init, 1, 32, VOCAB)
+
+    # one full mini-epoch, then the schedule ends at the first step of the next
+    train(proj, byte_data, "--train_stage", "3", "--precision", "32", "--my_exit_tokens", EPOCH_TOKENS)
+    assert sorted(os.listdir(proj)) == ["data_state", "rwkv-0.pth", "rwkv-final.pth", "rwkv-init.pth", "train_log.txt"] \
+        or sorted(os.listdir(proj)) == ["rwkv-0.pth", "rwkv-final.pth", "rwkv-init.pth", "train_log.txt"]
+    (epoch, loss0, ppl, lr, run_epoch), = log_lines(proj)
+    assert (epoch, run_epoch) == ("0", "0")
+    assert float(ppl) == pytest.approx(math.exp(float(loss0)), rel=1e-4)
+    assert float(loss0) < math.log(VOCAB) - 0.5   # it learned something from the bytes
+    rwkv0 = torch.load(proj / "rwkv-0.pth", weights_only=True)
+    assert rwkv0.keys() == init.keys() and not torch.equal(rwkv0["head.weight"].bfloat16(), init["head.weight"])
+
+    # the same command with a later horizon resumes from rwkv-0.pth and trains mini-epoch 1
+    result = train(proj, byte_data, "--train_stage", "3", "--precision", "32", "--my_exit_tokens", 2 * EPOCH_TOKENS)
+    assert "resuming from" in result.stdout and "rwkv-0.pth" in result.stdout
+    lines = log_lines(proj)
+    assert [(e, r) for e, _, _, _, r in lines] == [("0", "0"), ("1", "0")]
+    assert float(lines[1][1]) < float(loss0)
+    assert os.path.exists(proj / "rwkv-1.pth")
+
+    # a truncated newest checkpoint: the run says so and falls back to rwkv-0.pth
+    with open(proj / "rwkv-1.pth", "r+b") as f:
+        f.truncate(os.path.getsize(proj / "rwkv-1.pth") // 2)
+    result = train(proj, byte_data, "--train_stage", "3", "--precision", "32", "--my_exit_tokens", 2 * EPOCH_TOKENS)
+    assert "rwkv-1.pth is unreadable" in result.stdout + result.stderr
+    assert "falling back" in result.stdout + result.stderr
+    assert [(e, r) for e, _, _, _, r in log_lines(proj)][-1] == ("1", "0")
+    torch.load(proj / "rwkv-1.pth", weights_only=True)   # rewritten whole

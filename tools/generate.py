@@ -1,0 +1,113 @@
+"""Sample text from an RWKV-7 checkpoint, recurrently (constant work per new token), streaming it as it comes.
+
+    python tools/generate.py --model out/L18-D1024-x070/rwkv-final.pth --prompt "The" --length 200
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from src.checkpoint import CHECKPOINT_NAME, load_state_dict, model_shape  # noqa: E402
+from src.config import ModelConfig  # noqa: E402
+from src.model import RWKV  # noqa: E402
+from src.tokenizer import RWKVTokenizer  # noqa: E402
+
+DEFAULT_PROJ_DIR = "out/L18-D1024-x070"   # the 0.36B Pile recipe
+
+
+def newest_checkpoint(proj_dir):
+    """rwkv-final.pth if the run finished, else its highest rwkv-<n>.pth, else rwkv-init.pth."""
+    names = [n for n in os.listdir(proj_dir) if CHECKPOINT_NAME.match(n)] if os.path.isdir(proj_dir) else []
+    if not names:
+        raise SystemExit(f"error: no rwkv-*.pth in {proj_dir}; pass --model PATH.pth")
+    def rank(name):
+        tag = CHECKPOINT_NAME.match(name).group(1)
+        return {"final": float("inf"), "init": -1}[tag] if tag in ("final", "init") else int(tag)
+    return os.path.join(proj_dir, max(names, key=rank))
+
+
+def load_model(path, device):
+    state_dict = load_state_dict(path)
+    model = RWKV(ModelConfig(**model_shape(state_dict)))
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()})
+    return model.to(device).eval()
+
+
+def sample_token(logits, temperature, top_p, generator):
+    """Nucleus sampling: keep the most likely tokens whose probabilities sum to top_p; temperature 0 is greedy."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = torch.sort(probs, descending=True)
+    keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p   # always keeps the top token
+    sorted_probs = sorted_probs * keep
+    choice = torch.multinomial(sorted_probs.cpu(), 1, generator=generator)
+    return int(order[choice.to(order.device)])
+
+
+class Utf8Stream:
+    """Turns token bytes into text, holding back an incomplete UTF-8 sequence until its next bytes arrive."""
+
+    def __init__(self):
+        self.pending = b""
+
+    def push(self, data: bytes) -> str:
+        self.pending += data
+        for cut in range(len(self.pending), max(len(self.pending) - 4, -1), -1):
+            try:
+                text = self.pending[:cut].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            self.pending = self.pending[cut:]
+            return text
+        text, self.pending = self.pending.decode("utf-8", errors="replace"), b""   # not UTF-8 at all
+        return text
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt, length, temperature=1.0, top_p=0.85, seed=0, out=None):
+    """Yields sampled token ids; writes the text to `out` as it is produced."""
+    generator = torch.Generator().manual_seed(seed)
+    device = model.emb.weight.device
+    ids = tokenizer.encode(prompt) or [0]   # an empty prompt starts a new document
+    logits, state = model.forward_with_state(torch.tensor([ids], device=device), model.zero_state(1))
+    stream = Utf8Stream()
+    for _ in range(length):
+        token = sample_token(logits[0, -1], temperature, top_p, generator)
+        if out is not None:
+            out.write(stream.push(tokenizer.decode_bytes([token])))
+            out.flush()
+        yield token
+        logits, state = model.forward_with_state(torch.tensor([[token]], device=device), state)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="", help=f"a .pth; default: the newest checkpoint in {DEFAULT_PROJ_DIR}")
+    parser.add_argument("--prompt", default="\nThe")
+    parser.add_argument("--length", type=int, default=200, help="tokens to generate")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_p", type=float, default=0.85)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--vocab", default=None, help="vocab file (default: rwkv_vocab_v20230424.txt)")
+    args = parser.parse_args(argv)
+
+    path = args.model or newest_checkpoint(DEFAULT_PROJ_DIR)
+    model = load_model(path, args.device)
+    tokenizer = RWKVTokenizer(args.vocab)
+    cfg = model.cfg
+    print(f"# {path}: L{cfg.n_layer}-D{cfg.n_embd}, vocab {cfg.vocab_size}, on {args.device}", file=sys.stderr)
+    sys.stdout.write(args.prompt)
+    start = time.time()
+    n = sum(1 for _ in generate(model, tokenizer, args.prompt, args.length, args.temperature, args.top_p,
+                                args.seed, out=sys.stdout))
+    print(f"\n# {n} tokens in {time.time() - start:.1f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Train RWKV-7: `python train.py --help`. The flags are the reference recipe's (see README.md)."""
+import argparse
+import os
+import sys
+import time
+from dataclasses import fields
+
+from src.config import ConfigError, TrainConfig
+
+
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def parse_args(argv=None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__)
+    for f in fields(TrainConfig):   # one flag per TrainConfig field, same name and default
+        parser.add_argument(f"--{f.name}", type=parse_bool if f.type in (bool, "bool") else type(f.default), default=f.default)
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def resolve_precision(cfg: TrainConfig):
+    """Lightning's precision value for --precision, and whether matmuls may use tf32."""
+    return {"fp32": (32, False), "32": (32, False), "tf32": (32, True), "fp16": (16, True), "16": (16, True),
+            "bf16": ("bf16", True)}[cfg.precision]
+
+
+def build_dataset(cfg: TrainConfig, world_size: int):
+    """Check the data and build the dataset; fixes epoch_steps / epoch_count for binidx (RECIPE.md section 7)."""
+    from src.dataset import BinidxDataset, JsonlStreamDataset, MINI_EPOCH_SAMPLES
+    if cfg.data_type == "binidx":
+        cfg.epoch_steps = MINI_EPOCH_SAMPLES // cfg.real_bsz
+        dataset = BinidxDataset(cfg.data_file, cfg.ctx_len, cfg.magic_prime, cfg.micro_bsz, world_size,
+                                cfg.vocab_size, cfg.epoch_steps)
+        cfg.epoch_count = cfg.magic_prime // MINI_EPOCH_SAMPLES
+        return dataset
+    return JsonlStreamDataset(cfg.data_file, cfg.ctx_len, cfg.micro_bsz, cfg.epoch_steps, max(cfg.random_seed, 0),
+                              os.path.join(cfg.proj_dir, "data_state"))
+
+
+def write_init(cfg: TrainConfig):
+    """--train_stage 1: RECIPE.md section 3's init, saved in the training precision as proj_dir/rwkv-init.pth."""
+    import torch
+    from src.checkpoint import move_aside, save_atomic
+    from src.model import RWKV
+    move_aside(cfg.proj_dir)
+    model = RWKV(cfg.model_config())
+    model.init_weights()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "16": torch.float16}.get(cfg.precision, torch.float32)
+    path = os.path.join(cfg.proj_dir, "rwkv-init.pth")
+    save_atomic({k: v.to(dtype) for k, v in model.state_dict().items()}, path)
+    print(f"wrote {path} ({sum(p.numel() for p in model.parameters()):,} parameters, {dtype}); now run stage 2 or 3")
+
+
+def load_start_weights(cfg: TrainConfig):
+    """The weights this run starts from, setting epoch_begin and warmup_steps as the reference does."""
+    from src.checkpoint import load_newest, load_state_dict
+    if cfg.train_stage >= 2:   # resume: the newest readable rwkv-<n>.pth (rwkv-init.pth is n = -1)
+        n, path, state_dict = load_newest(cfg.proj_dir)
+        cfg.epoch_begin = n + 1
+        if n >= 0 and cfg.warmup_steps < 0:
+            cfg.warmup_steps = 10
+        print(f"resuming from {path}: mini-epoch {cfg.epoch_begin} is next")
+    elif cfg.load_model:
+        path, state_dict = cfg.load_model, load_state_dict(cfg.load_model)
+    else:
+        write_init(cfg)
+        path, state_dict = os.path.join(cfg.proj_dir, "rwkv-init.pth"), None
+    cfg.warmup_steps = max(cfg.warmup_steps, 0)
+    return path, state_dict
+
+
+def build_trainer(cfg: TrainConfig, callbacks):
+    import pytorch_lightning as pl
+    import torch
+    precision, allow_tf32 = resolve_precision(cfg)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
+    strategy = cfg.strategy
+    if cfg.uses_deepspeed:
+        from pytorch_lightning.strategies import DeepSpeedStrategy
+        bucket = cfg.ds_bucket_mb * 1000 * 1000
+        strategy = DeepSpeedStrategy(stage=3 if "stage_3" in cfg.strategy else 2,
+                                     offload_optimizer="offload" in cfg.strategy,
+                                     allgather_bucket_size=bucket, reduce_bucket_size=bucket)
+    return pl.Trainer(accelerator="gpu" if cfg.accelerator == "cuda" else cfg.accelerator, devices=cfg.devices,
+                      num_nodes=cfg.num_nodes, precision=precision, strategy=strategy, max_epochs=-1,
+                      gradient_clip_val=cfg.grad_clip, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                      num_sanity_val_steps=0, replace_sampler_ddp=False, reload_dataloaders_every_n_epochs=1,
+                      enable_progress_bar=cfg.enable_progress_bar, enable_model_summary=False)
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        cfg.validate()
+        os.makedirs(cfg.proj_dir, exist_ok=True)
+        if cfg.train_stage == 1:
+            write_init(cfg)
+            return
+        dataset = build_dataset(cfg, world_size=cfg.num_nodes * cfg.devices)
+        start_path, state_dict = load_start_weights(cfg)
+    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    run(cfg, dataset, start_path, state_dict)
+
+
+def run(cfg: TrainConfig, dataset, start_path, state_dict):
+    import pytorch_lightning as pl
+    import torch
+    from torch.utils.data import DataLoader
+    from src.checkpoint import check_compatible, load_state_dict
+    from src.model import RWKV
+    from src.trainer import TrainCallback
+
+    if cfg.random_seed >= 0:
+        pl.seed_everything(cfg.random_seed)
+    model = RWKV(cfg.model_config(), cfg.optim_config())
+    if state_dict is None:
+        state_dict = load_state_dict(start_path)
+    model.load_state_dict(check_compatible(state_dict, model.state_dict(), start_path, cfg.load_partial == 1))
+    del state_dict
+    print(f"training {cfg.n_layer}x{cfg.n_embd} from {start_path}, mini-epochs of {cfg.epoch_steps} steps x "
+          f"{cfg.real_bsz} x {cfg.ctx_len} tokens, starting at mini-epoch {cfg.epoch_begin}")
+    loader = DataLoader(dataset, batch_size=cfg.micro_bsz, shuffle=False, drop_last=True, num_workers=1,
+                        persistent_workers=False, pin_memory=cfg.accelerator != "cpu")
+    trainer = build_trainer(cfg, [TrainCallback(cfg, dataset)])
+    start = time.time()
+    trainer.fit(model, loader)
+    print(f"done in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
