@@ -1,0 +1,28 @@
+"""Print the trainer flags (--my_exit_tokens, --magic_prime) for an existing binidx file.
+
+    python tools/magic_prime.py PREFIX [--ctx_len 512]
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from src.binidx import BinIdx, DataError  # noqa: E402
+from src.dataset import recipe_flags  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prefix", help="binidx PREFIX (PREFIX.bin and PREFIX.idx)")
+    parser.add_argument("--ctx_len", type=int, default=512)
+    args = parser.parse_args()
+    try:
+        print(recipe_flags(BinIdx(args.prefix).num_tokens, args.ctx_len))
+    except DataError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
