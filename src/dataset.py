@@ -6,6 +6,7 @@ shuffle=False, drop_last=True, persistent_workers=False) with num_workers=1 for
 BinidxDataset and num_workers=STREAM_WORKERS for JsonlStreamDataset.
 """
 
+import functools
 import glob
 import json
 import math
@@ -278,6 +279,11 @@ def iter_shard_lines(path, problems):
 # The streaming loader
 
 
+@functools.lru_cache(maxsize=None)
+def _shared_tokenizer(vocab_path):
+    return RWKVTokenizer(vocab_path)
+
+
 class JsonlStreamDataset(IterableDataset):
     """Documents of JSONL shards, tokenized on the fly, each ended by 0, packed into windows of
     ctx_len + 1 tokens (consecutive windows share one token, so every token is a target once).
@@ -294,7 +300,7 @@ class JsonlStreamDataset(IterableDataset):
         self.ctx_len, self.micro_bsz, self.epoch_steps, self.seed = ctx_len, micro_bsz, epoch_steps, seed
         self.state_dir = state_dir
         os.makedirs(state_dir, exist_ok=True)
-        self.tokenizer = RWKVTokenizer(vocab_path)  # built once here; forked loader workers share it
+        self.tokenizer = _shared_tokenizer(vocab_path)  # built here, so forked loader workers share it
         # a saved position only means something for the same shards in the same order
         self.data_key = {"seed": seed, "shards": [[os.path.basename(s), os.path.getsize(s)] for s in self.shards]}
         self.real_epoch, self.global_rank, self.world_size = 0, 0, 1  # set by the trainer

@@ -45,7 +45,6 @@ class RWKVTokenizer:
                 f"tokenizer vocab {vocab_path} not found: pass the path of rwkv_vocab_v20230424.txt "
                 f"(it is committed at the top of the repository)")
         vocab = dict(_parse_vocab(vocab_path))
-        self.vocab_path = vocab_path
         self.real_vocab_size = max(vocab) + 1  # 65530: the entries plus id 0
         self.id_to_bytes = [b""] * self.real_vocab_size
         self._trie = {}
