@@ -353,7 +353,7 @@ class JsonlStreamDataset(IterableDataset):
         where = position or {"pass": 0, "shard": 0, "line": 0}
         pass_index, first_shard, first_line = where["pass"], where["shard"], where["line"]
         while True:
-            full_pass, found = first_shard == 0 and first_line == 0, False
+            full_pass, pass_tokens = first_shard == 0 and first_line == 0, 0
             order = np.random.default_rng([self.seed, pass_index]).permutation(len(self.shards))
             for j in range(first_shard, len(order)):
                 for i, line in enumerate(iter_shard_lines(self.shards[order[j]], problems)):
@@ -361,14 +361,15 @@ class JsonlStreamDataset(IterableDataset):
                         continue
                     text = problems.text_of(line)
                     if text is not None:
-                        found = True
                         tokens = np.array(self.tokenizer.encode(text) + [END_OF_DOC], np.int64)
+                        pass_tokens += len(tokens)
                         yield {"pass": pass_index, "shard": j, "line": i}, tokens
                 first_line = 0
-            if full_pass and not found:
+            if full_pass and pass_tokens <= self.ctx_len:
                 raise DataError(
-                    f"reader {reader} of {num_readers} (ranks x loader workers) got no document in a whole "
-                    f"pass over {len(self.shards)} shards: use fewer loader workers or more data")
+                    f"reader {reader} of {num_readers} (ranks x loader workers) got {pass_tokens} tokens in a "
+                    f"whole pass over {len(self.shards)} shards, less than one sample (ctx_len + 1 = "
+                    f"{self.ctx_len + 1}): use fewer loader workers or more data")
             pass_index, first_shard = pass_index + 1, 0
 
     def _state_path(self, name, epoch):
@@ -382,8 +383,7 @@ class JsonlStreamDataset(IterableDataset):
 
     def _resume_point(self, name):
         """(first mini-epoch after the saved position, position) for serving real_epoch."""
-        saved = [e for e in range(self.real_epoch) if os.path.isfile(self._state_path(name, e))]
-        last = saved[-1] if saved else -1
+        last = next((e for e in range(self.real_epoch - 1, -1, -1) if os.path.isfile(self._state_path(name, e))), -1)
         if last < self.real_epoch - 1:
             print(f"[data] warning: {self.state_dir} has no stream position of {name} after mini-epoch "
                   f"{self.real_epoch - 1}; replaying mini-epochs {last + 1}..{self.real_epoch - 1} "

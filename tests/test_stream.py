@@ -148,12 +148,15 @@ def test_saved_state_of_other_data_is_refused(tmp_path, shards):
         serve(make_dataset(folder, tmp_path / "state", seed=2), 1, num_workers=0)
 
 
-def test_too_few_documents_for_the_readers(tmp_path):
+def test_data_smaller_than_one_sample_per_reader(tmp_path):
     shard = write_shard(str(tmp_path / "00.jsonl"), [{"text": "one"}, {"text": "two"}])
     dataset = make_dataset(shard, tmp_path / "state", ctx_len=4, epoch_steps=4)
     dataset.world_size, dataset.global_rank = 2, 1
-    with pytest.raises(DataError, match="reader 3 of 4 .* got no document in a whole pass"):
+    with pytest.raises(DataError, match="reader 3 of 4 .* got 0 tokens in a whole pass"):
         list(dataset.samples(1, 2))
+    dataset = make_dataset(shard, tmp_path / "state", ctx_len=16, epoch_steps=4)
+    with pytest.raises(DataError, match="reader 0 of 1 .* got 4 tokens .* less than one sample"):
+        list(dataset.samples(0, 1))
 
 
 def test_bad_lines_are_skipped_counted_and_reported(tmp_path, tokenizer, capsys):

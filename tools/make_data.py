@@ -101,6 +101,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffles")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes")
     args = parser.parse_args()
+    if args.copies < 1:
+        parser.error("--copies must be at least 1")
 
     try:
         files = find_shards(args.inputs, INPUT_SUFFIXES)
