@@ -4,10 +4,29 @@ Per batch and head, with an N x N state S (row = value channel, column = key cha
     d_t = exp(-exp(w_t));  s_t = S_{t-1} z_t;  S_t = S_{t-1} * d_t + s_t b_t^T + v_t k_t^T;  y_t = S_t r_t
 All tensors are [B, T, H, N]. The PyTorch loop below is both the CPU implementation and the oracle
 that every faster implementation is tested against (run it in float64 for that).
+
+On CUDA, `wkv7` runs the kernels of cuda/ (bf16 in and out, fp32 state): `wkv7_chunked.cu` by
+default, or the sequential baseline `wkv7_sequential.cu` (env RWKV_WKV7_KERNEL=sequential). They
+are built with torch.utils.cpp_extension on first use, once per head size, flags and sources, into
+~/.cache/rwkv7_kernels (env RWKV7_KERNEL_CACHE), with a stale build lock removed (see _load_ops).
+The chunked kernels assume w <= -0.5 as the model produces (d >= 0.3 keeps 1/prod(d) over 16
+steps in range).
 """
+import hashlib
+import os
+import sys
+import time
+
 import torch
 
 CHUNK_LEN = 16  # the CUDA kernel works on T in multiples of this; callers pad at the end
+KERNELS = ("chunked", "sequential")
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CUDA_DIR = os.path.join(_ROOT, "cuda")
+_SOURCES = ("wkv7_op.cpp", "wkv7_sequential.cu", "wkv7_chunked.cu")
+_HEADERS = ("wkv7_common.cuh", "wkv7_launch.h")
+_ops = {}  # head size -> op namespace torch.ops.wkv7_n<N>_<key> of the loaded build
 
 
 def wkv7_torch(r, w, k, v, z, b, state=None):
@@ -26,6 +45,121 @@ def wkv7_torch(r, w, k, v, z, b, state=None):
 
 
 def wkv7(r, w, k, v, z, b):
-    """WKV7 over a whole sequence from a zero state; [B,T,H,N] in, y [B,T,H,N] out in r's dtype."""
+    """WKV7 over a whole sequence from a zero state; [B,T,H,N] in, y [B,T,H,N] out in r's dtype.
+
+    CUDA tensors go through the CUDA kernel (computed in bf16 in/out with an fp32 state, any T:
+    padded to a multiple of CHUNK_LEN internally); CPU tensors through the PyTorch loop."""
+    if r.is_cuda and os.environ.get("RWKV_WKV7_KERNEL", "chunked") != "torch":
+        return wkv7_cuda(r, w, k, v, z, b, kernel=os.environ.get("RWKV_WKV7_KERNEL", "chunked"))
     y, _ = wkv7_torch(r, w, k, v, z, b)
+    return y.to(r.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA path
+
+
+def build_flags(head_size, arch=None):
+    """nvcc flags of the extension for a head size and a compute capability such as (9, 0)."""
+    if arch is None:
+        arch = torch.cuda.get_device_capability()
+    cc = f"{arch[0]}{arch[1]}"
+    return ["-O3", "--use_fast_math", "-res-usage", "-Xptxas=-O3", f"-D_N_={head_size}",
+            f"-gencode=arch=compute_{cc},code=sm_{cc}"]
+
+
+def _build_key(head_size, flags):
+    h = hashlib.sha256()
+    for name in _SOURCES + _HEADERS:
+        with open(os.path.join(_CUDA_DIR, name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read() + b"\0")
+    h.update(repr((head_size, flags, torch.__version__, torch.version.cuda, sys.version_info[:2])).encode())
+    return h.hexdigest()[:16]
+
+
+def _acquire_build_dir(build_dir):
+    """Take our builder lock on build_dir and clear a stale torch FileBaton lock left in it.
+
+    torch's load() guards a build with a 'lock' file and waits for it to vanish, forever if its
+    builder was killed. Every builder of ours holds an flock on 'builder.flock' while it runs
+    load(); the kernel drops an flock when its process dies, however it dies. So once we hold it,
+    any 'lock' file is a leftover of a dead build and is removed. Returns the fd to release."""
+    import fcntl
+    os.makedirs(build_dir, exist_ok=True)
+    fd = os.open(os.path.join(build_dir, "builder.flock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"wkv7: waiting for another process building in {build_dir}", file=sys.stderr, flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    lock = os.path.join(build_dir, "lock")
+    if os.path.exists(lock):
+        print(f"wkv7: removing stale build lock {lock} (its builder is gone)", file=sys.stderr, flush=True)
+        os.remove(lock)
+    return fd
+
+
+def _load_ops(head_size):
+    """The compiled extension for this head size, built on first use."""
+    if head_size in _ops:
+        return _ops[head_size]
+    from torch.utils.cpp_extension import load
+    flags = build_flags(head_size)
+    key = _build_key(head_size, flags)
+    name = f"wkv7_n{head_size}_{key}"
+    root = os.environ.get("RWKV7_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rwkv7_kernels"))
+    build_dir = os.path.join(root, name)
+    fd = _acquire_build_dir(build_dir)
+    try:
+        cached = os.path.exists(os.path.join(build_dir, f"{name}.so"))
+        t0 = time.time()
+        load(name=name, sources=[os.path.join(_CUDA_DIR, s) for s in _SOURCES],
+             extra_cflags=["-O3", f"-D_N_={head_size}", f"-DWKV7_NS={name}"], extra_cuda_cflags=flags,
+             extra_include_paths=[_CUDA_DIR], build_directory=build_dir, is_python_module=False, verbose=False)
+        print(f"wkv7: {'loaded' if cached else 'built'} CUDA kernels (N={head_size}) in {time.time() - t0:.1f} s"
+              f" [{build_dir}]", file=sys.stderr, flush=True)
+    finally:
+        os.close(fd)  # releases the flock
+    _ops[head_size] = getattr(torch.ops, name)  # forward / backward, see cuda/wkv7_op.cpp
+    return _ops[head_size]
+
+
+class WKV7Function(torch.autograd.Function):
+    """y = WKV7(r, w, k, v, z, b) on CUDA; bf16 contiguous [B,T,H,N] with T % CHUNK_LEN == 0."""
+
+    @staticmethod
+    def forward(ctx, r, w, k, v, z, b, kernel="chunked"):
+        ops = _load_ops(r.shape[-1])
+        chunked = kernel == "chunked"
+        y, sa, states = ops.forward(chunked, r, w, k, v, z, b, torch.cuda.current_stream(r.device).cuda_stream)
+        ctx.chunked = chunked
+        ctx.save_for_backward(r, w, k, v, z, b, sa, states)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        r, w, k, v, z, b, sa, states = ctx.saved_tensors
+        ops = _load_ops(r.shape[-1])
+        grads = ops.backward(ctx.chunked, r, w, k, v, z, b, dy.to(torch.bfloat16).contiguous(), sa, states,
+                             torch.cuda.current_stream(r.device).cuda_stream)
+        return (*grads, None)
+
+
+def wkv7_cuda(r, w, k, v, z, b, kernel="chunked"):
+    """WKV7 on CUDA through the kernel `kernel` ('chunked' or 'sequential'). Inputs are cast to
+    contiguous bf16 and T is padded at the end with zeros to a multiple of CHUNK_LEN (exact for the
+    causal outputs); y comes back in r's dtype with r's T."""
+    if kernel not in KERNELS:
+        raise ValueError(f"wkv7: unknown kernel {kernel!r}, expected one of {KERNELS}")
+    T = r.shape[1]
+    pad = -T % CHUNK_LEN
+    xs = []
+    for x in (r, w, k, v, z, b):
+        x = x.to(torch.bfloat16)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+        xs.append(x.contiguous())
+    y = WKV7Function.apply(*xs, kernel)
+    if pad:
+        y = y[:, :T]
     return y.to(r.dtype)

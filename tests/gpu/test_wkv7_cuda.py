@@ -1,0 +1,103 @@
+"""GPU tests of the WKV7 CUDA kernels (both the chunked fast path and the sequential baseline)
+against the float64 PyTorch oracle on the same bf16 inputs. Skipped without CUDA.
+
+Run on a GPU machine: python -m pytest -q tests/gpu/test_wkv7_cuda.py"""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from src.wkv7 import KERNELS, WKV7Function, wkv7, wkv7_cuda, wkv7_torch  # noqa: E402
+from tools.bench_kernel import make_inputs, rel_err  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+NAMES = ["y", "dr", "dw", "dk", "dv", "dz", "db"]
+TOL = 4e-3  # bf16 rounding of the outputs is ~1.7e-3 relative RMS
+
+
+def poison_allocator():
+    """Fill memory the caching allocator will hand out next with NaN, so unwritten outputs show."""
+    x = torch.full((64 << 20,), float("nan"), device="cuda")
+    del x
+
+
+def oracle(xs, dy):
+    xs64 = [x.detach().double().requires_grad_() for x in xs]
+    y, _ = wkv7_torch(*xs64)
+    return [y] + list(torch.autograd.grad(y, xs64, dy.double()))
+
+
+def run_kernel(xs, dy, kernel):
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    poison_allocator()
+    y = wkv7_cuda(*xs, kernel=kernel)
+    y.backward(dy)
+    return [y] + [x.grad for x in xs]
+
+
+def check(xs, dy, kernel, tol=TOL):
+    ref = oracle(xs, dy)
+    got = run_kernel(xs, dy, kernel)
+    for name, a, b in zip(NAMES, got, ref):
+        assert a.dtype == torch.bfloat16 and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), f"{kernel} {name}: non-finite values (unwritten output?)"
+        e = rel_err(a, b)
+        assert e < tol, f"{kernel} {name}: relative error {e:.2e}"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("shape", [(1, 16, 1, 64), (2, 32, 3, 64), (3, 48, 2, 64), (1, 256, 2, 64)])
+def test_kernel_matches_oracle(kernel, shape):
+    xs, dy = make_inputs(*shape, seed=sum(shape))
+    check(xs, dy, kernel)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("decay", ["fast", "slow"])
+def test_kernel_extreme_decays(kernel, decay):
+    xs, dy = make_inputs(2, 512, 2, 64, decay=decay, seed=7)
+    check(xs, dy, kernel)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_padding_any_T(kernel):
+    """T not a multiple of 16: wkv7_cuda pads at the end and slices; outputs and gradients exact."""
+    for T in (1, 17, 37):
+        xs, dy = make_inputs(2, T, 2, 64, seed=T)
+        check(xs, dy, kernel)
+
+
+def test_wkv7_dispatch_autograd_and_dtypes():
+    """The model's entry point: bf16 CUDA in -> kernel; gradients through the autograd Function;
+    fp32 CUDA inputs are computed in bf16 and returned as fp32; non-contiguous inputs work."""
+    xs, dy = make_inputs(2, 40, 3, 64, seed=11)
+    ref = oracle(xs, dy)
+    leaves = [x.detach().clone().requires_grad_() for x in xs]
+    y = wkv7(*leaves)
+    assert y.dtype == torch.bfloat16 and y.shape == xs[0].shape
+    y.backward(dy)
+    for name, a, b in zip(NAMES, [y] + [x.grad for x in leaves], ref):
+        assert rel_err(a, b) < TOL, name
+    y32 = wkv7(*[x.float() for x in xs])
+    assert y32.dtype == torch.float32 and rel_err(y32, ref[0]) < TOL
+    nc = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in xs]  # same values, other strides
+    assert not nc[0].is_contiguous()
+    assert torch.equal(wkv7(*nc), y.detach())
+
+
+def test_kernels_agree_and_are_deterministic():
+    xs, dy = make_inputs(4, 128, 4, 64, seed=5)
+    a = run_kernel(xs, dy, "chunked")
+    b = run_kernel(xs, dy, "chunked")
+    c = run_kernel(xs, dy, "sequential")
+    for name, x, y, z in zip(NAMES, a, b, c):
+        assert torch.equal(x, y), f"{name}: chunked kernel not deterministic"
+        assert rel_err(x, z) < TOL, name
+
+
+def test_function_rejects_bad_T():
+    xs, _ = make_inputs(1, 20, 1, 64, seed=1)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        WKV7Function.apply(*[x.to(torch.bfloat16).contiguous() for x in xs], "chunked")
