@@ -31,6 +31,7 @@ def resolve_precision(cfg: TrainConfig):
 
 def build_dataset(cfg: TrainConfig, world_size: int):
     """Check the data and build the dataset; fixes epoch_steps / epoch_count for binidx (RECIPE.md section 7)."""
+    from src.checkpoint import STREAM_STATE_DIR
     from src.dataset import BinidxDataset, JsonlStreamDataset, MINI_EPOCH_SAMPLES
     if cfg.data_type == "binidx":
         cfg.epoch_steps = MINI_EPOCH_SAMPLES // cfg.real_bsz
@@ -39,7 +40,7 @@ def build_dataset(cfg: TrainConfig, world_size: int):
         cfg.epoch_count = cfg.magic_prime // MINI_EPOCH_SAMPLES
         return dataset
     return JsonlStreamDataset(cfg.data_file, cfg.ctx_len, cfg.micro_bsz, cfg.epoch_steps, max(cfg.random_seed, 0),
-                              os.path.join(cfg.proj_dir, "data_state"))
+                              os.path.join(cfg.proj_dir, STREAM_STATE_DIR))
 
 
 def write_init(cfg: TrainConfig):
@@ -74,7 +75,7 @@ def load_start_weights(cfg: TrainConfig):
     return path, state_dict
 
 
-def build_trainer(cfg: TrainConfig, callbacks):
+def build_trainer(cfg: TrainConfig, callbacks, max_steps=-1):
     import pytorch_lightning as pl
     import torch
     precision, allow_tf32 = resolve_precision(cfg)
@@ -87,49 +88,74 @@ def build_trainer(cfg: TrainConfig, callbacks):
                                      offload_optimizer="offload" in cfg.strategy,
                                      allgather_bucket_size=bucket, reduce_bucket_size=bucket)
     return pl.Trainer(accelerator="gpu" if cfg.accelerator == "cuda" else cfg.accelerator, devices=cfg.devices,
-                      num_nodes=cfg.num_nodes, precision=precision, strategy=strategy, max_epochs=-1,
+                      num_nodes=cfg.num_nodes, precision=precision, strategy=strategy, max_epochs=-1, max_steps=max_steps,
                       gradient_clip_val=cfg.grad_clip, callbacks=callbacks, logger=False, enable_checkpointing=False,
                       num_sanity_val_steps=0, replace_sampler_ddp=False, reload_dataloaders_every_n_epochs=1,
                       enable_progress_bar=cfg.enable_progress_bar, enable_model_summary=False)
 
 
-def main(argv=None):
-    cfg = parse_args(argv)
-    try:
-        cfg.validate()
-        os.makedirs(cfg.proj_dir, exist_ok=True)
-        if cfg.train_stage == 1:
-            write_init(cfg)
-            return
-        dataset = build_dataset(cfg, world_size=cfg.num_nodes * cfg.devices)
-        start_path, state_dict = load_start_weights(cfg)
-    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    run(cfg, dataset, start_path, state_dict)
-
-
-def run(cfg: TrainConfig, dataset, start_path, state_dict):
-    import pytorch_lightning as pl
+def prepare(cfg: TrainConfig):
+    """Every check that needs no model: flags, data, the start checkpoint's readability and shapes."""
     import torch
-    from torch.utils.data import DataLoader
-    from src.checkpoint import check_compatible, load_state_dict
+    from src.checkpoint import check_compatible
     from src.model import RWKV
-    from src.trainer import TrainCallback
+    cfg.validate()
+    os.makedirs(cfg.proj_dir, exist_ok=True)
+    dataset = build_dataset(cfg, world_size=cfg.num_nodes * cfg.devices)
+    start_path, state_dict = load_start_weights(cfg)
+    if state_dict is not None:
+        with torch.device("meta"):   # shapes only: no memory, no init work
+            expected = RWKV(cfg.model_config()).state_dict()
+        check_compatible(state_dict, expected, start_path, cfg.load_partial == 1)
+    return dataset, start_path, state_dict
 
+
+def build_model(cfg: TrainConfig, start_path, state_dict):
+    """The model with the start weights; tensors missing from a --load_partial file keep their init."""
+    import pytorch_lightning as pl
+    from src.checkpoint import load_state_dict
+    from src.model import RWKV
     if cfg.random_seed >= 0:
         pl.seed_everything(cfg.random_seed)
     model = RWKV(cfg.model_config(), cfg.optim_config())
     if state_dict is None:
         state_dict = load_state_dict(start_path)
-    model.load_state_dict(check_compatible(state_dict, model.state_dict(), start_path, cfg.load_partial == 1))
-    del state_dict
-    print(f"training {cfg.n_layer}x{cfg.n_embd} from {start_path}, mini-epochs of {cfg.epoch_steps} steps x "
-          f"{cfg.real_bsz} x {cfg.ctx_len} tokens, starting at mini-epoch {cfg.epoch_begin}")
-    loader = DataLoader(dataset, batch_size=cfg.micro_bsz, shuffle=False, drop_last=True, num_workers=1,
+    full = model.state_dict()
+    full.update(state_dict)
+    model.load_state_dict(full)
+    return model
+
+
+def fit(cfg: TrainConfig, model, dataset, callbacks, max_steps=-1):
+    from torch.utils.data import DataLoader
+    from src.dataset import STREAM_WORKERS
+    # workers are started anew each mini-epoch, after the callback has set the dataset's epoch and rank
+    loader = DataLoader(dataset, batch_size=cfg.micro_bsz, shuffle=False, drop_last=True,
+                        num_workers=STREAM_WORKERS if cfg.data_type == "jsonl" else 1,
                         persistent_workers=False, pin_memory=cfg.accelerator != "cpu")
-    trainer = build_trainer(cfg, [TrainCallback(cfg, dataset)])
-    start = time.time()
+    trainer = build_trainer(cfg, callbacks, max_steps)
     trainer.fit(model, loader)
+    return trainer
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        if cfg.train_stage == 1:
+            cfg.validate()
+            os.makedirs(cfg.proj_dir, exist_ok=True)
+            write_init(cfg)
+            return
+        dataset, start_path, state_dict = prepare(cfg)
+    except (ConfigError, ValueError, RuntimeError, OSError) as e:
+        sys.exit(f"error: {e}")
+    from src.trainer import TrainCallback
+    model = build_model(cfg, start_path, state_dict)
+    del state_dict
+    print(f"training L{cfg.n_layer}-D{cfg.n_embd} from {start_path}: mini-epochs of {cfg.epoch_steps} steps x "
+          f"{cfg.real_bsz} x {cfg.ctx_len} tokens, starting at mini-epoch {cfg.epoch_begin}")
+    start = time.time()
+    fit(cfg, model, dataset, [TrainCallback(cfg, dataset)])
     print(f"done in {time.time() - start:.0f} s")
 
 

@@ -6,6 +6,7 @@ import time
 import torch
 
 CHECKPOINT_NAME = re.compile(r"^rwkv-(init|final|\d+)\.pth$")
+STREAM_STATE_DIR = "data_state"   # proj_dir/data_state: where the jsonl stream saves its position per mini-epoch
 
 
 class CheckpointError(RuntimeError):
@@ -78,7 +79,7 @@ def model_shape(state_dict):
 
 def check_compatible(state_dict, model_state, path, load_partial=False):
     """Refuse a checkpoint of another shape with the mismatched tensors and the flags it needs; with
-    load_partial, tensors missing from the file are taken from the model's init (same shapes still required)."""
+    load_partial, tensors missing from the file are allowed (they keep the model's init)."""
     wrong = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
              for k, v in model_state.items() if k in state_dict and state_dict[k].shape != v.shape]
     missing = [k for k in model_state if k not in state_dict]
@@ -94,16 +95,12 @@ def check_compatible(state_dict, model_state, path, load_partial=False):
         raise CheckpointError(f"checkpoint {path} does not fit the model: {len(wrong)} tensors of another shape, "
                               f"{len(missing)} missing, {len(unexpected)} unexpected:\n  " + "\n  ".join(problems) +
                               f"\n{hint}; change the flags to match{partial}")
-    if missing:
-        state_dict = dict(state_dict)
-        for k in missing:
-            state_dict[k] = model_state[k]
-    return state_dict
 
 
 def move_aside(proj_dir, log=print):
-    """Before a new init: move existing rwkv-*.pth into proj_dir/previous-<time>/ instead of deleting them."""
-    old = [name for name in sorted(os.listdir(proj_dir)) if CHECKPOINT_NAME.match(name)]
+    """Before a new init: move existing rwkv-*.pth (and the data stream's saved positions, which belong to
+    them) into proj_dir/previous-<time>/ instead of deleting them."""
+    old = [name for name in sorted(os.listdir(proj_dir)) if CHECKPOINT_NAME.match(name) or name == STREAM_STATE_DIR]
     if not old:
         return None
     dest = os.path.join(proj_dir, time.strftime("previous-%Y%m%d-%H%M%S"))

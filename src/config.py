@@ -21,6 +21,7 @@ class ModelConfig:
     dim_ffn: int = 0          # 0 means 4 * n_embd
     grad_cp: int = 0          # 1: recompute each block in backward
     deepspeed_checkpointing: bool = False  # use DeepSpeed's activation checkpointing (GPU + DeepSpeed only)
+    fused: bool = True        # the fast forms of the loss and kernels; False: their plain PyTorch twins
 
     def __post_init__(self):
         if self.dim_att <= 0:
@@ -111,6 +112,7 @@ class TrainConfig:
     precision: str = "bf16"       # fp32 | tf32 | fp16 | bf16 (32 / 16 accepted)
     strategy: str = "auto"
     enable_progress_bar: bool = True
+    fused: int = 1                # 0: plain PyTorch twins of the fused pieces (for checking them)
 
     @property
     def real_bsz(self) -> int:
@@ -123,7 +125,7 @@ class TrainConfig:
     def model_config(self) -> ModelConfig:
         return ModelConfig(n_layer=self.n_layer, n_embd=self.n_embd, vocab_size=self.vocab_size,
                            head_size=self.head_size, dim_att=self.dim_att, dim_ffn=self.dim_ffn, grad_cp=self.grad_cp,
-                           deepspeed_checkpointing=self.uses_deepspeed and self.accelerator == "gpu")
+                           fused=self.fused == 1, deepspeed_checkpointing=self.uses_deepspeed and self.accelerator == "gpu")
 
     def optim_config(self) -> OptimConfig:
         optimizer = "torch"

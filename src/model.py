@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from src.config import ModelConfig, OptimConfig
+from src.head_loss import head_loss_chunked, head_loss_reference
 from src.wkv7 import wkv7, wkv7_torch
 
 
@@ -144,23 +145,6 @@ class Block(nn.Module):
         return x, v_first, new_state
 
 
-class L2Wrap(torch.autograd.Function):
-    """Identity on the loss; in backward, adds max_logit * 1e-4 / (B*T) to each position's argmax logit."""
-
-    @staticmethod
-    def forward(ctx, loss, logits):
-        ctx.save_for_backward(logits)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (logits,) = ctx.saved_tensors
-        factor = 1e-4 / (logits.shape[0] * logits.shape[1])
-        max_logit, argmax = torch.max(logits, -1, keepdim=True)
-        grad_logits = torch.zeros_like(logits).scatter_(-1, argmax, max_logit * factor)
-        return grad_output, grad_logits
-
-
 class RWKV(pl.LightningModule):
     def __init__(self, cfg: ModelConfig, optim: OptimConfig = None):
         super().__init__()
@@ -173,7 +157,11 @@ class RWKV(pl.LightningModule):
         self.head = nn.Linear(C, V, bias=False)
 
     def forward(self, idx):
-        """Logits [B,T,V] for token ids [B,T], from a zero state (training and evaluation)."""
+        """Logits [B,T,V] for token ids [B,T], from a zero state (evaluation)."""
+        return self.head(self.hidden(idx))
+
+    def hidden(self, idx):
+        """ln_out of the last block's output, [B,T,C]: what the head reads."""
         x = self.emb(idx)
         v_first = torch.empty_like(x)   # set by block 0
         for block in self.blocks:
@@ -181,7 +169,7 @@ class RWKV(pl.LightningModule):
                 x, v_first = self._checkpointed(block, x, v_first)
             else:
                 x, v_first, _ = block(x, v_first)
-        return self.head(self.ln_out(x))
+        return self.ln_out(x)
 
     def zero_state(self, batch_size):
         C, H, N = self.cfg.n_embd, self.cfg.n_head, self.cfg.head_size
@@ -214,10 +202,10 @@ class RWKV(pl.LightningModule):
         return -1 if self.trainer.should_stop else None
 
     def training_step(self, batch, batch_idx):
+        """Mean cross-entropy with L2Wrap (RECIPE.md section 5); the fused form never holds all logits."""
         idx, targets = batch
-        logits = self(idx)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        return L2Wrap.apply(loss, logits)
+        head_loss = head_loss_chunked if self.cfg.fused else head_loss_reference
+        return head_loss(self.hidden(idx), self.head.weight, targets)
 
     @torch.no_grad()
     def init_weights(self):

@@ -1,0 +1,71 @@
+"""The training loss (RECIPE.md section 5): head, cross-entropy and the L2Wrap extra gradient.
+
+`head_loss_reference` is the plain form: full logits, F.cross_entropy, L2Wrap. `head_loss_chunked` computes
+the same loss and gradients a chunk of tokens at a time, inside its forward pass, so the [B*T, V] logits
+(12.9 GB in bf16 at ctx 4096 x 24) never exist at once, and nothing is recomputed in backward.
+"""
+import torch
+import torch.nn.functional as F
+
+L2WRAP_FACTOR = 1e-4
+
+
+class L2Wrap(torch.autograd.Function):
+    """Identity on the loss; in backward, adds max_logit * 1e-4 / (B*T) to each position's argmax logit."""
+
+    @staticmethod
+    def forward(ctx, loss, logits):
+        ctx.save_for_backward(logits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (logits,) = ctx.saved_tensors
+        factor = L2WRAP_FACTOR / (logits.shape[0] * logits.shape[1])
+        max_logit, argmax = torch.max(logits, -1, keepdim=True)
+        grad_logits = torch.zeros_like(logits).scatter_(-1, argmax, max_logit * factor)
+        return grad_output, grad_logits
+
+
+def head_loss_reference(x, head_weight, targets):
+    """x [B,T,C] (after ln_out), head_weight [V,C], targets [B,T] -> mean cross-entropy, with L2Wrap."""
+    logits = F.linear(x, head_weight)
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+    return L2Wrap.apply(loss, logits)
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, head_weight, targets, chunk_tokens):
+        B, T, C = x.shape
+        n = B * T
+        x2, targets = x.reshape(n, C), targets.reshape(n)
+        grad_x = torch.empty_like(x2)
+        acc = torch.promote_types(x.dtype, torch.float32)   # softmax and sums in fp32 at least
+        grad_w = torch.zeros(head_weight.shape, dtype=acc, device=x.device)
+        loss_sum = torch.zeros((), dtype=acc, device=x.device)
+        for start in range(0, n, chunk_tokens):
+            xc, tc = x2[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+            rows = torch.arange(len(tc), device=x.device)
+            logits = (xc @ head_weight.T).to(acc)
+            log_z = torch.logsumexp(logits, dim=-1)
+            loss_sum += (log_z - logits[rows, tc]).sum()
+            max_logit, argmax = logits.max(dim=-1)
+            grad = torch.exp(logits - log_z[:, None])           # d(mean CE)/d logits, before / n
+            grad[rows, tc] -= 1
+            grad[rows, argmax] += max_logit * L2WRAP_FACTOR      # L2Wrap's extra gradient, before / n
+            grad = (grad / n).to(x.dtype)
+            grad_x[start:start + chunk_tokens] = grad @ head_weight
+            grad_w += grad.T @ xc
+        ctx.save_for_backward(grad_x.view(B, T, C), grad_w.to(head_weight.dtype))
+        return loss_sum / n
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        # the loss is the graph's final scalar, so grad_output is 1 in bf16/fp32 training; scaling keeps fp16 right
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_output.to(grad_x.dtype), grad_w * grad_output.to(grad_w.dtype), None, None
+
+
+def head_loss_chunked(x, head_weight, targets, chunk_tokens=4096):
+    return ChunkedHeadLoss.apply(x, head_weight, targets, chunk_tokens)

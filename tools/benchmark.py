@@ -1,0 +1,104 @@
+"""Training throughput of the real train.py step (Lightning + DeepSpeed, bf16) on random tokens; one JSON line.
+
+    python tools/benchmark.py --preset minipile --grad_cp 1
+    python tools/benchmark.py --preset pile --grad_cp 1 --devices 2
+
+MFU = 6 x (parameters of every matrix multiply, head included, embedding excluded) x tokens/s / 989e12
+(the H100's dense bf16 rate).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+
+import train  # noqa: E402
+from src.config import TrainConfig  # noqa: E402
+from src.model import RWKV  # noqa: E402
+from src.trainer import TrainCallback  # noqa: E402
+
+PRESETS = {
+    "minipile": dict(n_layer=12, n_embd=768, ctx_len=512, micro_bsz=16),
+    "pile": dict(n_layer=18, n_embd=1024, ctx_len=4096, micro_bsz=24),
+    "tiny": dict(n_layer=2, n_embd=128, ctx_len=64, micro_bsz=2),   # a smoke test of the tool itself
+}
+PEAK_FLOPS = 989e12
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, num_samples, ctx_len, vocab_size):
+        self.num_samples, self.ctx_len, self.vocab_size = num_samples, ctx_len, vocab_size
+
+    def __len__(self):
+        return self.num_samples
+
+    def __getitem__(self, idx):
+        tokens = torch.randint(0, self.vocab_size, (self.ctx_len + 1,), generator=torch.Generator().manual_seed(idx))
+        return tokens[:-1], tokens[1:]
+
+
+class StepTimer(pl.Callback):
+    """Wall time between step ends; TrainCallback reads the loss every step, so each end is a finished step."""
+
+    def __init__(self):
+        self.times = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter())
+
+
+def matmul_params(model: RWKV):
+    return sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n != "emb.weight" and "r_k" not in n)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="minipile")
+    parser.add_argument("--grad_cp", type=int, default=1)
+    parser.add_argument("--micro_bsz", type=int, default=0, help="0: the preset's")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--accelerator", default="gpu")
+    parser.add_argument("--strategy", default="deepspeed_stage_2")
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median")
+    args = parser.parse_args(argv)
+
+    preset = dict(PRESETS[args.preset])
+    if args.micro_bsz:
+        preset["micro_bsz"] = args.micro_bsz
+    with tempfile.TemporaryDirectory() as proj_dir:
+        cfg = TrainConfig(**preset, proj_dir=proj_dir, grad_cp=args.grad_cp, devices=args.devices, accelerator=args.accelerator,
+                          strategy=args.strategy, precision=args.precision, ds_bucket_mb=200, vocab_size=65536,
+                          epoch_steps=args.steps, epoch_count=1000, warmup_steps=10, lr_init=6e-4, lr_final=6e-5,
+                          weight_decay=0.001, enable_progress_bar=False, random_seed=0)
+        cfg.validate()
+        model = RWKV(cfg.model_config(), cfg.optim_config())
+        model.init_weights()
+        dataset = RandomTokens(args.steps * cfg.micro_bsz, cfg.ctx_len, cfg.vocab_size)
+        timer = StepTimer()
+        trainer = train.fit(cfg, model, dataset, [TrainCallback(cfg, dataset), timer], max_steps=args.steps)
+    if not trainer.is_global_zero:
+        return
+    step_s = statistics.median(b - a for a, b in zip(timer.times[args.warmup:], timer.times[args.warmup + 1:]))
+    tokens_per_s = cfg.real_bsz * cfg.ctx_len / step_s
+    gpu = torch.cuda.is_available() and args.accelerator != "cpu"
+    result = dict(preset=args.preset, n_layer=cfg.n_layer, n_embd=cfg.n_embd, ctx_len=cfg.ctx_len,
+                  micro_bsz=cfg.micro_bsz, devices=args.devices, grad_cp=args.grad_cp, strategy=args.strategy,
+                  precision=args.precision, steps=args.steps, step_ms=round(step_s * 1000, 2),
+                  tokens_per_s=round(tokens_per_s),
+                  mfu=round(6 * matmul_params(model) * tokens_per_s / (PEAK_FLOPS * args.devices), 4),
+                  peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None,
+                  device=torch.cuda.get_device_name() if gpu else "cpu")
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
