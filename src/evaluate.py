@@ -21,6 +21,7 @@ from src.tokenizer import END_OF_DOC, RWKVTokenizer
 from src.wkv7 import CHUNK_LEN
 
 IGNORE = -100  # target of a padded position
+LOGIT_ROWS = 4096  # positions put through the head at once: [4096, 65536] fp32 logits are 1 GiB
 
 
 def padded_length(n):
@@ -50,6 +51,18 @@ def right_pad(sequences, pad):
     for row, seq in zip(batch, sequences):
         row[:len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
     return batch
+
+
+def logit_rows(model, x, mask, rows=LOGIT_ROWS):
+    """Yield fp32 logits [n, V] for consecutive runs of the positions where mask [B,T] is true (row-major
+    order). A model with hidden() and head (RWKV) puts only those positions through the head, `rows` at
+    a time, so all B*T*V logits never exist at once; any other model is called as model(x)."""
+    if hasattr(model, "hidden") and hasattr(model, "head"):
+        hidden = model.hidden(x)[mask]
+        for start in range(0, len(hidden), rows):
+            yield model.head(hidden[start:start + rows]).float()
+    else:
+        yield model(x)[mask].float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,10 +142,12 @@ def val_loss(model, tokens, ctx_len, batch_size=4, device=None, rank=0, world_si
             batch = windows[first:first + batch_size]
             x = right_pad([w[:-1] for w in batch], END_OF_DOC).to(device)
             y = right_pad([w[1:] for w in batch], IGNORE).to(device)
-            logits = model(x)
-            loss_sum += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
-                                        ignore_index=IGNORE, reduction="sum").item()
-            count += int((y != IGNORE).sum())
+            mask = y != IGNORE
+            targets, start = y[mask], 0
+            for logits in logit_rows(model, x, mask):
+                loss_sum += F.cross_entropy(logits, targets[start:start + len(logits)], reduction="sum").item()
+                start += len(logits)
+            count += len(targets)
     if count == 0:
         raise ValueError("val_loss: no targets to score (need windows of at least 2 tokens)")
     loss = loss_sum / count
@@ -179,11 +194,16 @@ def lambada(model, tokenizer, path, device=None, limit=None, batch_size=16):
         for first in range(0, len(order), batch_size):
             batch = [examples[i] for i in order[first:first + batch_size]]
             x = right_pad([context + target[:-1] for context, target in batch], END_OF_DOC).to(device)
-            logits = model(x).float()
-            for row, (context, target) in zip(logits, batch):
-                at = row[len(context) - 1:len(context) - 1 + len(target)]   # the positions predicting the target
-                target = torch.tensor(target, device=at.device)
-                nll_sum -= torch.log_softmax(at, dim=-1).gather(1, target[:, None]).sum().item()
-                hits += bool((at.argmax(dim=-1) == target).all())
+            mask = torch.zeros(x.shape, dtype=torch.bool)
+            for row, (context, target) in zip(mask, batch):
+                row[len(context) - 1:len(context) - 1 + len(target)] = True   # the positions predicting the target
+            logits = torch.cat(list(logit_rows(model, x, mask.to(device))))
+            targets = torch.tensor([t for _, target in batch for t in target], device=logits.device)
+            nll = -torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+            hit = logits.argmax(dim=-1) == targets
+            lengths = [len(target) for _, target in batch]
+            for part_nll, part_hit in zip(nll.split(lengths), hit.split(lengths)):
+                nll_sum += part_nll.sum().item()
+                hits += bool(part_hit.all())
     n = len(examples)
     return dict(accuracy=hits / n, ppl=math.exp(min(nll_sum / n, 700.0)), n=n)
