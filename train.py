@@ -149,13 +149,17 @@ def main(argv=None):
         dataset, start_path, state_dict = prepare(cfg)
     except (ConfigError, ValueError, RuntimeError, OSError) as e:
         sys.exit(f"error: {e}")
-    from src.trainer import TrainCallback
+    from src.checkpoint import CheckpointError
+    from src.trainer import TrainCallback, TrainingDiverged
     model = build_model(cfg, start_path, state_dict)
     del state_dict
     print(f"training L{cfg.n_layer}-D{cfg.n_embd} from {start_path}: mini-epochs of {cfg.epoch_steps} steps x "
           f"{cfg.real_bsz} x {cfg.ctx_len} tokens, starting at mini-epoch {cfg.epoch_begin}")
     start = time.time()
-    fit(cfg, model, dataset, [TrainCallback(cfg, dataset)])
+    try:
+        fit(cfg, model, dataset, [TrainCallback(cfg, dataset)])
+    except (TrainingDiverged, CheckpointError) as e:
+        sys.exit(f"error: {e}")
     print(f"done in {time.time() - start:.0f} s")
 
 

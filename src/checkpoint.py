@@ -6,6 +6,7 @@ import time
 import torch
 
 CHECKPOINT_NAME = re.compile(r"^rwkv-(init|final|\d+)\.pth$")
+PARTIAL_WRITE = re.compile(r"^rwkv-(init|final|\d+)\.pth\.tmp\d+$")   # save_atomic's temporary files
 STREAM_STATE_DIR = "data_state"   # proj_dir/data_state: where the jsonl stream saves its position per mini-epoch
 
 
@@ -15,7 +16,10 @@ class CheckpointError(RuntimeError):
 
 def save_atomic(state_dict, path):
     """torch.save to a temporary file beside `path`, fsync, then rename: a crash or a full disk never leaves a
-    truncated file under the real name, and the file already there stays intact."""
+    truncated file under the real name, and the file already there stays intact. Refuses non-finite weights."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"not writing {path}: NaN or inf in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -54,8 +58,20 @@ def load_state_dict(path):
     return state_dict
 
 
+def remove_partial_writes(proj_dir, log=print):
+    """Delete rwkv-*.pth.tmp<pid> files left by a process killed while saving; they are never loaded."""
+    for name in os.listdir(proj_dir) if os.path.isdir(proj_dir) else []:
+        if PARTIAL_WRITE.match(name):
+            try:
+                os.remove(os.path.join(proj_dir, name))
+                log(f"removed {name}, a checkpoint write interrupted by a crash")
+            except FileNotFoundError:   # another rank of this run removed it first
+                pass
+
+
 def load_newest(proj_dir, log=print):
     """(n, path, state_dict) of the newest readable numbered checkpoint, falling back past unreadable ones."""
+    remove_partial_writes(proj_dir, log)
     candidates = numbered_checkpoints(proj_dir)
     if not candidates:
         raise CheckpointError(f"no rwkv-init.pth or rwkv-<n>.pth in {proj_dir}: write the init first "
@@ -90,7 +106,9 @@ def check_compatible(state_dict, model_state, path, load_partial=False):
             hint = f"the file was trained with {flags}"
         except (KeyError, ValueError):
             hint = "the file lacks the keys to tell its shape"
-        problems = wrong[:10] + [f"missing in file: {k}" for k in missing[:10]] + [f"not in model: {k}" for k in unexpected[:10]]
+        problems = wrong + [f"missing in file: {k}" for k in missing] + [f"not in model: {k}" for k in unexpected]
+        if len(problems) > 12:
+            problems = problems[:12] + [f"... and {len(problems) - 12} more"]
         partial = " (or --load_partial 1 to fill tensors missing from the file with the init)" if missing and not wrong else ""
         raise CheckpointError(f"checkpoint {path} does not fit the model: {len(wrong)} tensors of another shape, "
                               f"{len(missing)} missing, {len(unexpected)} unexpected:\n  " + "\n  ".join(problems) +

@@ -97,7 +97,7 @@ class TrainCallback(pl.Callback):
         if not math.isfinite(loss_value):
             newest = [n for n in sorted(os.listdir(self.cfg.proj_dir)) if n.startswith("rwkv-") and n.endswith(".pth")]
             raise TrainingDiverged(
-                f"loss became {loss_value} at step {trainer.global_step} (mini-epoch "
+                f"loss became {loss_value} at step {trainer.global_step - 1} (mini-epoch "
                 f"{self.cfg.epoch_begin + trainer.current_epoch}); no checkpoint was written from these weights. "
                 f"Checkpoints in {self.cfg.proj_dir}: {newest or 'none'}. Lower --lr_init or check the data, then resume.")
         self.loss_sum += loss
