@@ -102,12 +102,16 @@ def prepare(cfg: TrainConfig):
     cfg.validate()
     os.makedirs(cfg.proj_dir, exist_ok=True)
     dataset = build_dataset(cfg, world_size=cfg.num_nodes * cfg.devices)
+    val_tokens = None
+    if cfg.val_data:
+        from src.evaluate import load_token_stream
+        val_tokens = load_token_stream(cfg.val_data, max_tokens=cfg.val_tokens)
     start_path, state_dict = load_start_weights(cfg)
     if state_dict is not None:
         with torch.device("meta"):   # shapes only: no memory, no init work
             expected = RWKV(cfg.model_config()).state_dict()
         check_compatible(state_dict, expected, start_path, cfg.load_partial == 1)
-    return dataset, start_path, state_dict
+    return dataset, val_tokens, start_path, state_dict
 
 
 def build_model(cfg: TrainConfig, start_path, state_dict):
@@ -146,7 +150,7 @@ def main(argv=None):
             os.makedirs(cfg.proj_dir, exist_ok=True)
             write_init(cfg)
             return
-        dataset, start_path, state_dict = prepare(cfg)
+        dataset, val_tokens, start_path, state_dict = prepare(cfg)
     except (ConfigError, ValueError, RuntimeError, OSError) as e:
         sys.exit(f"error: {e}")
     from src.checkpoint import CheckpointError
@@ -157,7 +161,7 @@ def main(argv=None):
           f"{cfg.real_bsz} x {cfg.ctx_len} tokens, starting at mini-epoch {cfg.epoch_begin}")
     start = time.time()
     try:
-        fit(cfg, model, dataset, [TrainCallback(cfg, dataset)])
+        fit(cfg, model, dataset, [TrainCallback(cfg, dataset, val_tokens)])
     except (TrainingDiverged, CheckpointError) as e:
         sys.exit(f"error: {e}")
     print(f"done in {time.time() - start:.0f} s")

@@ -113,6 +113,8 @@ class TrainConfig:
     strategy: str = "auto"
     enable_progress_bar: bool = True
     fused: int = 1                # 0: plain PyTorch twins of the fused pieces (for checking them)
+    val_data: str = ""            # held-out binidx prefix or jsonl(.zst): validation loss after every mini-epoch
+    val_tokens: int = 1_000_000   # how many of its tokens to score
 
     @property
     def real_bsz(self) -> int:

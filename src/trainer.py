@@ -45,8 +45,8 @@ class TrainCallback(pl.Callback):
     """Sets lr and weight decay before every step, keeps the mini-epoch loss, writes train_log.txt, wandb and
     the checkpoints, and stops the run when the schedule's progress reaches 1."""
 
-    def __init__(self, cfg: TrainConfig, dataset):
-        self.cfg, self.dataset = cfg, dataset
+    def __init__(self, cfg: TrainConfig, dataset, val_tokens=None):
+        self.cfg, self.dataset, self.val_tokens = cfg, dataset, val_tokens
         self.finished = False
         self.log_file = None
         self.wandb = None
@@ -123,12 +123,25 @@ class TrainCallback(pl.Callback):
             state_dict = checkpoint_state_dict(trainer, pl_module)
             if trainer.is_global_zero:
                 save_atomic(state_dict, os.path.join(self.cfg.proj_dir, f"rwkv-{epoch}.pth"))
+        val = self.validate(trainer, pl_module) if self.val_tokens is not None else None
         if trainer.is_global_zero:
             self.log_file.write(f"{epoch} {mean_loss:.6f} {math.exp(mean_loss):.4f} {self.lr:.8f} "
                                 f"{datetime.datetime.now()} {e}\n")
+            if val is not None:
+                self.log_file.write(f"val {epoch} {val:.6f} {math.exp(val):.4f}\n")
+                print(f"\nmini-epoch {epoch}: validation loss {val:.4f}")
             self.log_file.flush()
             if self.wandb is not None:
-                self.wandb.log({"epoch_loss": mean_loss, "epoch": epoch})
+                self.wandb.log({"epoch_loss": mean_loss, "epoch": epoch, **({"val_loss": val} if val is not None else {})})
+
+    def validate(self, trainer, pl_module):
+        """Validation loss on --val_data: each rank scores its share of the windows, then the shares add up."""
+        from src.evaluate import val_loss
+        part = val_loss(pl_module, self.val_tokens, self.cfg.ctx_len, batch_size=self.cfg.micro_bsz,
+                        rank=trainer.global_rank, world_size=trainer.world_size)
+        sums = torch.tensor([part["loss_sum"], part["tokens"]], dtype=torch.float64, device=pl_module.device)
+        sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        return (sums[0] / sums[1]).item()
 
     def on_train_end(self, trainer, pl_module):
         if self.log_file is not None:

@@ -12,7 +12,9 @@ import torch
 from src.binidx import write_binidx
 from src.config import TrainConfig
 from src.dataset import find_magic_prime
+from src.evaluate import load_token_stream, val_loss
 from src.trainer import lr_schedule
+from tools.generate import load_model
 from tests.test_model import check_init
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +76,7 @@ def train(proj_dir, data, *extra, check=True):
     prefix, magic_prime = data
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--proj_dir", str(proj_dir), "--data_file", prefix,
            "--data_type", "binidx", "--vocab_size", str(VOCAB), "--ctx_len", str(CTX), "--n_layer", "1",
-           "--n_embd", "32", "--head_size", "32", "--micro_bsz", str(BSZ), "--magic_prime", str(magic_prime),
+           "--n_embd", "32", "--head_size", "8", "--micro_bsz", str(BSZ), "--magic_prime", str(magic_prime),
            "--lr_init", "1e-2", "--lr_final", "3e-3", "--warmup_steps", "2", "--epoch_save", "1",
            "--accelerator", "cpu", "--devices", "1", "--strategy", "auto", "--enable_progress_bar", "False",
            *map(str, extra)]
@@ -112,13 +114,18 @@ def test_train_stage1_then_resume_and_fallback(byte_data, tmp_path):
     rwkv0 = torch.load(proj / "rwkv-0.pth", weights_only=True)
     assert rwkv0.keys() == init.keys() and not torch.equal(rwkv0["head.weight"].bfloat16(), init["head.weight"])
 
-    # the same command with a later horizon resumes from rwkv-0.pth and trains mini-epoch 1
-    result = train(proj, byte_data, "--train_stage", "3", "--precision", "32", "--my_exit_tokens", 2 * EPOCH_TOKENS)
+    # the same command with a later horizon resumes from rwkv-0.pth and trains mini-epoch 1, validating after it
+    result = train(proj, byte_data, "--train_stage", "3", "--precision", "32", "--my_exit_tokens", 2 * EPOCH_TOKENS,
+                   "--val_data", byte_data[0], "--val_tokens", 4000)
     assert "resuming from" in result.stdout and "rwkv-0.pth" in result.stdout
     lines = log_lines(proj)
     assert [(e, r) for e, _, _, _, r in lines] == [("0", "0"), ("1", "0")]
     assert float(lines[1][1]) < float(loss0)
-    assert os.path.exists(proj / "rwkv-1.pth")
+    val_line = [line.split() for line in open(proj / "train_log.txt") if line.startswith("val ")]
+    assert [v[:2] for v in val_line] == [["val", "1"]]
+    model = load_model(str(proj / "rwkv-1.pth"), "cpu")
+    direct = val_loss(model, load_token_stream(byte_data[0], max_tokens=4000), CTX)
+    assert float(val_line[0][2]) == pytest.approx(direct["loss"], abs=2e-6)
 
     # a truncated newest checkpoint: the run says so and falls back to rwkv-0.pth
     with open(proj / "rwkv-1.pth", "r+b") as f:
