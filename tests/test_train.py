@@ -135,3 +135,23 @@ def test_train_stage1_then_resume_and_fallback(byte_data, tmp_path):
     assert "falling back" in result.stdout + result.stderr
     assert [(e, r) for e, _, _, _, r in log_lines(proj)][-1] == ("1", "0")
     torch.load(proj / "rwkv-1.pth", weights_only=True)   # rewritten whole
+
+
+def test_wandb_logs_offline(tmp_path):
+    """--wandb <project> logs loss, lr, wd, Gtokens and kt/s per step (offline here: no network)."""
+    shard = tmp_path / "data.jsonl"
+    shard.write_text("".join('{"text": "%s"}\n' % (f"document {i} " * 40) for i in range(40)))
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    common = ["--proj_dir", str(tmp_path / "run"), "--data_type", "jsonl", "--data_file", str(shard),
+              "--ctx_len", "16", "--micro_bsz", "2", "--epoch_steps", "3", "--epoch_count", "1", "--n_layer", "1",
+              "--n_embd", "32", "--head_size", "8", "--accelerator", "cpu", "--strategy", "auto",
+              "--precision", "32", "--enable_progress_bar", "False"]
+    for stage in ("1", "3"):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *common, "--train_stage", stage,
+                                 "--wandb", "rwkv-test"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    data = runs[0].read_bytes()
+    for key in (b"loss", b"lr", b"wd", b"Gtokens", b"kt/s", b"epoch_loss"):
+        assert key in data, key

@@ -3,6 +3,7 @@
     python tools/generate.py --model out/L18-D1024-x070/rwkv-final.pth --prompt "The" --length 200
 """
 import argparse
+import codecs
 import os
 import sys
 import time
@@ -49,23 +50,10 @@ def sample_token(logits, temperature, top_p, generator):
     return int(order[choice.to(order.device)])
 
 
-class Utf8Stream:
-    """Turns token bytes into text, holding back an incomplete UTF-8 sequence until its next bytes arrive."""
-
-    def __init__(self):
-        self.pending = b""
-
-    def push(self, data: bytes) -> str:
-        self.pending += data
-        for cut in range(len(self.pending), max(len(self.pending) - 4, -1), -1):
-            try:
-                text = self.pending[:cut].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            self.pending = self.pending[cut:]
-            return text
-        text, self.pending = self.pending.decode("utf-8", errors="replace"), b""   # not UTF-8 at all
-        return text
+def utf8_stream():
+    """An incremental UTF-8 decoder: holds back an incomplete character until its next bytes arrive
+    (one token can carry part of an emoji), and shows bytes that can never be UTF-8 as U+FFFD."""
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
 
 
 @torch.no_grad()
@@ -75,11 +63,11 @@ def generate(model, tokenizer, prompt, length, temperature=1.0, top_p=0.85, seed
     device = model.emb.weight.device
     ids = tokenizer.encode(prompt) or [0]   # an empty prompt starts a new document
     logits, state = model.forward_with_state(torch.tensor([ids], device=device), model.zero_state(1))
-    stream = Utf8Stream()
+    stream = utf8_stream()
     for _ in range(length):
         token = sample_token(logits[0, -1], temperature, top_p, generator)
         if out is not None:
-            out.write(stream.push(tokenizer.decode_bytes([token])))
+            out.write(stream.decode(tokenizer.decode_bytes([token])))
             out.flush()
         yield token
         logits, state = model.forward_with_state(torch.tensor([[token]], device=device), state)
