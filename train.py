@@ -49,12 +49,20 @@ def write_init(cfg: TrainConfig):
     from src.checkpoint import move_aside, save_atomic
     from src.model import RWKV
     move_aside(cfg.proj_dir)
+    if cfg.random_seed >= 0:
+        torch.manual_seed(cfg.random_seed)
     model = RWKV(cfg.model_config())
     model.init_weights()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "16": torch.float16}.get(cfg.precision, torch.float32)
     path = os.path.join(cfg.proj_dir, "rwkv-init.pth")
     save_atomic({k: v.to(dtype) for k, v in model.state_dict().items()}, path)
     print(f"wrote {path} ({sum(p.numel() for p in model.parameters()):,} parameters, {dtype}); now run stage 2 or 3")
+
+
+def is_other_rank():
+    """True in the processes of ranks > 0 (Lightning's launcher starts them with LOCAL_RANK; other nodes are
+    started with NODE_RANK), which must not write the files that rank 0 writes."""
+    return int(os.environ.get("LOCAL_RANK", 0)) > 0 or int(os.environ.get("NODE_RANK", 0)) > 0
 
 
 def load_start_weights(cfg: TrainConfig):
@@ -68,8 +76,9 @@ def load_start_weights(cfg: TrainConfig):
         print(f"resuming from {path}: mini-epoch {cfg.epoch_begin} is next")
     elif cfg.load_model:
         path, state_dict = cfg.load_model, load_state_dict(cfg.load_model)
-    else:
-        write_init(cfg)
+    else:   # a new run: rank 0 writes the init before it starts the other ranks, which read it
+        if not is_other_rank():
+            write_init(cfg)
         path, state_dict = os.path.join(cfg.proj_dir, "rwkv-init.pth"), None
     cfg.warmup_steps = max(cfg.warmup_steps, 0)
     return path, state_dict
@@ -122,6 +131,9 @@ def build_model(cfg: TrainConfig, start_path, state_dict):
     if cfg.random_seed >= 0:
         pl.seed_everything(cfg.random_seed)
     model = RWKV(cfg.model_config(), cfg.optim_config())
+    if state_dict is None and is_other_rank() and not os.path.exists(start_path):
+        model.init_weights()   # another node without rank 0's file: DDP / DeepSpeed broadcast rank 0's weights
+        return model
     if state_dict is None:
         state_dict = load_state_dict(start_path)
     full = model.state_dict()

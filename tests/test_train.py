@@ -5,20 +5,17 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-from src.binidx import write_binidx
 from src.config import TrainConfig
-from src.dataset import find_magic_prime
 from src.evaluate import load_token_stream, val_loss
 from src.trainer import lr_schedule
 from tools.generate import load_model
+from tests.conftest import CTX, VOCAB
 from tests.test_model import check_init
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORPUS = os.path.join(ROOT, "..", "shared", "data", "corpus", "train-00.jsonl.zst")
 LOG_LINE = re.compile(r"^(\d+) (\d+\.\d{6}) (\d+\.\d{4}) (\d+\.\d{8}) \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ (\d+)$")
 
 
@@ -51,25 +48,7 @@ def test_lr_schedule_matches_spec(exit_tokens, epoch_begin):
     assert lr_schedule(cfg, 10**7)[0] == pytest.approx(6e-5)
 
 
-CTX, BSZ, VOCAB = 16, 5040, 256   # 40320 / 5040 = 8 steps per mini-epoch
-
-
-@pytest.fixture(scope="module")
-def byte_data(tmp_path_factory):
-    """Real English text as byte tokens (vocab 256): about two mini-epochs of ctx 16."""
-    import io
-    import json
-    import zstandard
-    data = bytearray()
-    with open(CORPUS, "rb") as f:
-        for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8"):
-            data += json.loads(line)["text"].encode("utf-8")[:200_000] + b"\0"
-            if len(data) >= 1_350_000:
-                break
-    tokens = np.frombuffer(bytes(data[:1_350_000]), dtype=np.uint8).astype(np.uint16)
-    prefix = str(tmp_path_factory.mktemp("data") / "bytes")
-    write_binidx(prefix, [tokens])
-    return prefix, find_magic_prime(len(tokens), CTX)
+BSZ = 5040   # 40320 / 5040 = 8 steps per mini-epoch
 
 
 def train(proj_dir, data, *extra, check=True):

@@ -54,7 +54,7 @@ def run_steps(tmp_path, name, steps, flags):
     """Per-step losses (mean over ranks) of `steps` steps of train.py's path with `flags`."""
     import json
     out = os.path.join(tmp_path, f"{name}.json")
-    run("tests/gpu/run_steps.py", "--steps", steps, "--out", out, "--", *flags)
+    run("tests/run_steps.py", "--steps", steps, "--out", out, "--", *flags)
     with open(out) as f:
         return json.load(f)
 

@@ -1,14 +1,14 @@
 """Train for a fixed number of steps through train.py's own path and write the per-step losses (mean over
 ranks) as JSON: the GPU parity checks compare such runs.
 
-    python tests/gpu/run_steps.py --steps 300 --out losses.json -- <train.py flags>
+    python tests/run_steps.py --steps 300 --out losses.json -- <train.py flags>
 """
 import argparse
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
