@@ -24,6 +24,15 @@ LAMBADA = os.path.join(REPO_ROOT, "..", "shared", "data", "lambada_test.jsonl")
 CTX_LEN = 16
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast, and stays fast on a machine busy with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -199,7 +208,8 @@ def test_cli_prints_one_json_line(model, tokenizer, tmp_path, capsys):
         (tmp_path / "lambada.jsonl").write_text("".join(next(f) for _ in range(5)))
     proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "eval.py"), "--model", pth,
                            "--lambada", str(tmp_path / "lambada.jsonl"), "--device", "cpu"],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     (line,) = proc.stdout.strip().splitlines()
     out = json.loads(line)
