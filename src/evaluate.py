@@ -131,7 +131,7 @@ def val_loss(model, tokens, ctx_len, batch_size=4, device=None, rank=0, world_si
     into non-overlapping windows of ctx_len inputs, or token windows (2-D array, or a list of
     sequences), each scored on its own as inputs w[:-1] and targets w[1:].
     rank / world_size: score every world_size-th window from `rank` (one share per GPU); combine the
-    shares as sum(loss_sum) / sum(tokens).
+    shares as sum(loss_sum) / sum(tokens) (a share with no window gives tokens 0, loss_sum 0).
     Returns dict(loss, ppl, tokens = targets scored, loss_sum).
     """
     device = device or model_device(model)
@@ -149,7 +149,9 @@ def val_loss(model, tokens, ctx_len, batch_size=4, device=None, rank=0, world_si
                 start += len(logits)
             count += len(targets)
     if count == 0:
-        raise ValueError("val_loss: no targets to score (need windows of at least 2 tokens)")
+        if world_size == 1:
+            raise ValueError("val_loss: no targets to score (need windows of at least 2 tokens)")
+        return dict(loss=math.nan, ppl=math.nan, tokens=0, loss_sum=0.0)   # a share with no window: adds nothing
     loss = loss_sum / count
     return dict(loss=loss, ppl=math.exp(min(loss, 700.0)), tokens=count, loss_sum=loss_sum)
 

@@ -102,6 +102,9 @@ def test_val_loss_token_windows_and_shares(model):
     shares = [val_loss(model, stream, CTX_LEN, rank=r, world_size=2) for r in range(2)]
     assert sum(s["tokens"] for s in shares) == whole["tokens"] == 69
     assert sum(s["loss_sum"] for s in shares) / 69 == pytest.approx(whole["loss"], abs=1e-5)
+    # more ranks than windows: the idle share adds nothing instead of failing (the others wait for it)
+    idle = val_loss(model, stream[:20], CTX_LEN, rank=2, world_size=3)
+    assert (idle["tokens"], idle["loss_sum"]) == (0, 0.0)
     assert model.training is False
 
 
