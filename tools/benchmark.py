@@ -54,6 +54,29 @@ class StepTimer(pl.Callback):
         self.times.append(time.perf_counter())
 
 
+class StepProfiler(pl.Callback):
+    """torch.profiler over a few steps after warm-up; prints where the GPU time goes."""
+
+    def __init__(self, first, count=3):
+        self.first, self.count, self.profiler = first, count, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.first:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+            self.profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.profiler is not None and batch_idx == self.first + self.count - 1:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.profiler.__exit__(None, None, None)
+            if trainer.is_global_zero:
+                print(f"profile of {self.count} steps:\n" + self.profiler.key_averages().table(
+                    sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total", row_limit=30, max_name_column_width=60))
+            self.profiler = None
+
+
 def matmul_params(model: RWKV):
     return sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n != "emb.weight" and "r_k" not in n)
 
@@ -67,8 +90,10 @@ def main(argv=None):
     parser.add_argument("--accelerator", default="gpu")
     parser.add_argument("--strategy", default="deepspeed_stage_2")
     parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--fused", type=int, default=1, help="0: the plain path (sequential kernel, eager, full logits)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 steps")
     args = parser.parse_args(argv)
 
     preset = dict(PRESETS[args.preset])
@@ -78,20 +103,21 @@ def main(argv=None):
         cfg = TrainConfig(**preset, proj_dir=proj_dir, grad_cp=args.grad_cp, devices=args.devices, accelerator=args.accelerator,
                           strategy=args.strategy, precision=args.precision, ds_bucket_mb=200, vocab_size=65536,
                           epoch_steps=args.steps, epoch_count=1000, warmup_steps=10, lr_init=6e-4, lr_final=6e-5,
-                          weight_decay=0.001, enable_progress_bar=False, random_seed=0)
+                          weight_decay=0.001, enable_progress_bar=False, random_seed=0, fused=args.fused)
         cfg.validate()
         model = RWKV(cfg.model_config(), cfg.optim_config())
         model.init_weights()
         dataset = RandomTokens(args.steps * cfg.micro_bsz, cfg.ctx_len, cfg.vocab_size)
         timer = StepTimer()
-        trainer = train.fit(cfg, model, dataset, [TrainCallback(cfg, dataset), timer], max_steps=args.steps)
+        callbacks = [TrainCallback(cfg, dataset), timer] + ([StepProfiler(args.steps - 4)] if args.profile else [])
+        trainer = train.fit(cfg, model, dataset, callbacks, max_steps=args.steps)
     if not trainer.is_global_zero:
         return
     step_s = statistics.median(b - a for a, b in zip(timer.times[args.warmup:], timer.times[args.warmup + 1:]))
     tokens_per_s = cfg.real_bsz * cfg.ctx_len / step_s
     gpu = torch.cuda.is_available() and args.accelerator != "cpu"
     result = dict(preset=args.preset, n_layer=cfg.n_layer, n_embd=cfg.n_embd, ctx_len=cfg.ctx_len,
-                  micro_bsz=cfg.micro_bsz, devices=args.devices, grad_cp=args.grad_cp, strategy=args.strategy,
+                  micro_bsz=cfg.micro_bsz, devices=args.devices, grad_cp=args.grad_cp, fused=args.fused, strategy=args.strategy,
                   precision=args.precision, steps=args.steps, step_ms=round(step_s * 1000, 2),
                   tokens_per_s=round(tokens_per_s),
                   mfu=round(6 * matmul_params(model) * tokens_per_s / (PEAK_FLOPS * args.devices), 4),
