@@ -1,506 +1,666 @@
-// WKV7 fast kernels (RECIPE.md section 2), fp32 state and fp32 arithmetic throughout.
+// WKV7 fast kernels (RECIPE.md section 2), fp32 state, fp32-accurate arithmetic throughout.
 //
 // Within a chunk of CHUNK steps, with P_t = d_0 * ... * d_t (per key column, P_{-1} = 1), the state
 // in scaled form S~_t = S_t / P_t evolves without the decay multiply:
-//     s_t = S~_{t-1} zh_t,  S~_t = S~_{t-1} + s_t bt_t^T + v_t kt_t^T,  y_t = S~_t rh_t,
+//     s_t = S~_{t-1} zh_t,  S~_t = S~_{t-1} + v_t kt_t^T + s_t bt_t^T,  y_t = S~_t rh_t,
 // with zh_t = z_t P_{t-1}, bt_t = b_t / P_t, kt_t = k_t / P_t, rh_t = r_t P_t (d >= 0.3 keeps 1/P
 // far from overflow over 16 steps). Rows of S are independent of each other, so:
-//   fwd_rows_kernel   forward; each block owns ROWS state rows of one (batch, head), TPR threads per
-//                     row (16 columns each). Writes y, s_t (sa) and the state at each chunk end.
+//   fwd_rows_kernel   forward; one block per (batch, head), each thread owns RPT state rows x 16
+//                     columns in registers (TPR threads share a row). Writes y, s_t (sa) and the
+//                     state at each chunk end.
 //   bwd_rows_kernel   backward, same layout, walking t downwards with the scaled state gradient
 //                     G^_t = P_t dL/dS_t: G^ += dy_t rh_t; dv_t = G^ kt_t; ds_t = G^ bt_t; G^ += ds_t zh_t.
 //                     Writes dv, ds_t = dL/ds_t and the state gradient at each chunk end.
 //   bwd_chunk_kernel  one block per chunk, no sequential dependence: with s_t and ds_t known, S and G
 //                     are linear in the chunk's inputs, so dr = S_t^T dy, dz = S_{t-1}^T ds,
 //                     dk = G_t^T v, db = G_t^T s are small matrix products against the chunk-start
-//                     state and the chunk-end state gradient; dw follows from the identity
+//                     state and the chunk-end state gradient (tensor cores, 3xTF32 = fp32 accuracy);
+//                     dw follows from the identity
 //                     dL/dlog d_t = sum_{t'>=t} (r.dr + z_{t'+1}.dz_{t'+1} - k.dk - b.db)_{t'}
 //                     + [t'=CHUNK-1] sum_i S[i,:] G[i,:] at the chunk end.
-// The same algorithm, in float64 PyTorch, is checked against the oracle in tests/test_wkv7.py.
+// The row kernels' chunk inputs arrive by cp.async, one chunk ahead. The same algorithm, in float64
+// PyTorch, is checked against the oracle in tests/test_wkv7.py.
 #include "wkv7_common.cuh"
+
+#if _N_ == 32 || _N_ == 64
+#define WKV7_CHUNKED_SUPPORTED 1
 
 namespace wkv7 {
 namespace {
 
-constexpr int TPR = N / 16;         // threads per state row in the row kernels (16 columns each)
-constexpr int ROWS = 32;            // state rows per block in the row kernels
-constexpr int NT_ROW = ROWS * TPR;  // = 2N
-constexpr int NT_CH = 4 * N;        // threads of the chunk kernel
-constexpr int LDA = N + 4;          // row stride (floats) of the chunk kernel's left operands
-constexpr int LDI = 2 * CHUNK + 4;  // row stride of its intra-chunk coefficient matrix
-constexpr int LDM = 2 * CHUNK + 1;  // row stride of its Gram matrix
-static_assert(N == 32 || N == 64 || N == 128, "head size must be 32, 64 or 128");
-static_assert(NT_ROW == 2 * N && NT_CH >= 2 * N, "one 8-element load per thread per chunk vector");
-
-// Chunk vectors in shared memory: vec[0..3] = kt, bt, rh, zh ([CHUNK][N] each); cum = log P_t.
-struct ChunkVecs {
-    float *vec;
-    float *cum;
-    float *P15;
-    __device__ float *kt() const { return vec; }
-    __device__ float *bt() const { return vec + CHUNK * N; }
-    __device__ float *rh() const { return vec + 2 * CHUNK * N; }
-    __device__ float *zh() const { return vec + 3 * CHUNK * N; }
-};
-
-// The 16 x N raw values of r, w, k, z, b of one chunk: thread tid < 2N holds 8 of each.
-struct RawChunk {
-    uint4 r, w, k, z, b;
-    __device__ void load(const bf16 *r_, const bf16 *w_, const bf16 *k_, const bf16 *z_, const bf16 *b_,
-                         int bb, int c, int h, int T, int H, int tid) {
-        if (tid >= 2 * N) return;
-        const size_t o = row_offset(bb, c * CHUNK + tid / (N / 8), h, T, H) + (tid % (N / 8)) * 8;
-        r = *reinterpret_cast<const uint4 *>(r_ + o);
-        w = *reinterpret_cast<const uint4 *>(w_ + o);
-        k = *reinterpret_cast<const uint4 *>(k_ + o);
-        z = *reinterpret_cast<const uint4 *>(z_ + o);
-        b = *reinterpret_cast<const uint4 *>(b_ + o);
-    }
-    // Raw k, b, r, z into vec[0..3]; log d = -exp(w) into cum (and into lw when given).
-    __device__ void store(const ChunkVecs &cv, float *lw, int tid) const {
-        if (tid >= 2 * N) return;
-        const int e0 = tid * 8;  // = t * N + column
-        float f[8];
-        unpack8(k, f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) cv.kt()[e0 + e] = f[e];
-        unpack8(b, f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) cv.bt()[e0 + e] = f[e];
-        unpack8(r, f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) cv.rh()[e0 + e] = f[e];
-        unpack8(z, f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) cv.zh()[e0 + e] = f[e];
-        unpack8(w, f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            const float l = -__expf(f[e]);
-            cv.cum[e0 + e] = l;
-            if (lw) lw[e0 + e] = l;
-        }
-    }
-};
-
-// Turns the raw chunk vectors into the scaled ones (see the top of the file). Call after a barrier
-// that follows RawChunk::store; returns after a barrier.
-template <int NT>
-__device__ void prep_chunk(const ChunkVecs &cv) {
-    const int tid = threadIdx.x;
-    if (tid < N) {
-        float a = 0.f;
-#pragma unroll
-        for (int t = 0; t < CHUNK; ++t) {
-            a += cv.cum[t * N + tid];
-            cv.cum[t * N + tid] = a;
-        }
-        cv.P15[tid] = __expf(a);
-    }
-    __syncthreads();
-    for (int e = tid; e < CHUNK * N; e += NT) {
-        const float a = cv.cum[e], p = __expf(a), ip = __expf(-a);
-        const float pm1 = e >= N ? __expf(cv.cum[e - N]) : 1.f;
-        cv.kt()[e] *= ip;
-        cv.bt()[e] *= ip;
-        cv.rh()[e] *= p;
-        cv.zh()[e] *= pm1;
-    }
-    __syncthreads();
-}
-
-// Row kernels: thread (row rl, part q) owns columns 4 * (q + TPR * m) + e, m, e = 0..3.
-__device__ __forceinline__ int own_col(int q, int m) { return 4 * (q + TPR * m); }
+// ---------------------------------------------------------------------------------------------
+// Helpers
 
 __device__ __forceinline__ float4 ld4(const float *p) { return *reinterpret_cast<const float4 *>(p); }
 __device__ __forceinline__ void st4(float *p, float4 x) { *reinterpret_cast<float4 *>(p) = x; }
 
-// sum_j X[j] * u[col(j)] over the thread's 16 columns, then over the TPR threads of the row.
-__device__ __forceinline__ float row_dot(const float (&X)[16], const float *u, int q) {
-    float p[4];
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Raw chunk tensors in shared memory (bf16 [CHUNK][N] each), in this order.
+enum { RAW_R, RAW_W, RAW_K, RAW_Z, RAW_B, NRAW };
+// Scaled chunk vectors (fp32 [CHUNK][ld] each), in this order: kt, bt, rh, zh.
+enum { V_KT, V_BT, V_RH, V_ZH };
+
+// Copy the 16 x N values of r, w, k, z, b (and x, if given) of chunk c into raw (and rawx).
+template <int NT>
+__device__ __forceinline__ void issue_chunk(bf16 *raw, bf16 *rawx, const bf16 *const (&src)[NRAW], const bf16 *x,
+                                            int bb, int c, int h, int T, int H, int tid) {
+    constexpr int PER_T = N / 8;  // 16-byte pieces per time step
+    for (int e = tid; e < CHUNK * PER_T; e += NT) {
+        const int t = e / PER_T, p = (e % PER_T) * 8;
+        const size_t o = row_offset(bb, c * CHUNK + t, h, T, H) + p;
 #pragma unroll
-    for (int m = 0; m < 4; ++m) {
-        const float4 a = ld4(u + own_col(q, m));
-        p[m] = X[4 * m] * a.x;
-        p[m] = fmaf(X[4 * m + 1], a.y, p[m]);
-        p[m] = fmaf(X[4 * m + 2], a.z, p[m]);
-        p[m] = fmaf(X[4 * m + 3], a.w, p[m]);
+        for (int s = 0; s < NRAW; ++s) cp_async16(raw + s * CHUNK * N + t * N + p, src[s] + o);
+        if (x) cp_async16(rawx + t * N + p, x + o);
     }
-    float s = (p[0] + p[1]) + (p[2] + p[3]);
-#pragma unroll
-    for (int off = 1; off < TPR; off <<= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    return s;
+    cp_async_commit();
 }
 
-// X[j] += a * u[col(j)].
-__device__ __forceinline__ void row_axpy(float (&X)[16], float a, const float *u, int q) {
+// Scaled chunk vectors from the raw ones: vec[(s * CHUNK + t) * LD + j]; P15[j] = P_{CHUNK-1};
+// optionally the tables Pt = P_t, iPt = 1 / P_t and lw = log d_t ([CHUNK][N]). PARTS adjacent
+// threads share a key column, CHUNK / PARTS steps each, with a shuffle scan of log P across them.
+template <int NT, int LD>
+__device__ __forceinline__ void prep_columns(const bf16 *raw, float *vec, float *P15, float *Pt, float *iPt, float *lw,
+                                             int tid) {
+    constexpr int PARTS = NT >= 4 * N ? 4 : NT >= 2 * N ? 2 : 1;
+    constexpr int TS = CHUNK / PARTS;
+    static_assert(N * PARTS % 32 == 0 && NT >= N, "whole warps per column group");
+    const int j = tid / PARTS, part = tid % PARTS;
+    if (j >= N) return;  // whole warps
+    float l[TS], a[TS], run = 0.f;
 #pragma unroll
-    for (int m = 0; m < 4; ++m) {
-        const float4 x = ld4(u + own_col(q, m));
-        X[4 * m] = fmaf(a, x.x, X[4 * m]);
-        X[4 * m + 1] = fmaf(a, x.y, X[4 * m + 1]);
-        X[4 * m + 2] = fmaf(a, x.z, X[4 * m + 2]);
-        X[4 * m + 3] = fmaf(a, x.w, X[4 * m + 3]);
+    for (int u = 0; u < TS; ++u) {
+        l[u] = -__expf(to_f(raw[RAW_W * CHUNK * N + (part * TS + u) * N + j]));
+        run += l[u];
+        a[u] = run;
     }
-}
-
-__device__ __forceinline__ void row_scale(float (&X)[16], const float *u, int q) {
+    float incl = run;
 #pragma unroll
-    for (int m = 0; m < 4; ++m) {
-        const float4 x = ld4(u + own_col(q, m));
-        X[4 * m] *= x.x;
-        X[4 * m + 1] *= x.y;
-        X[4 * m + 2] *= x.z;
-        X[4 * m + 3] *= x.w;
+    for (int off = 1; off < PARTS; off <<= 1) {
+        const float o = __shfl_up_sync(0xffffffffu, incl, off, PARTS);
+        if (part >= off) incl += o;
     }
-}
-
-__device__ __forceinline__ void row_store(const float (&X)[16], float *dst, int q) {
+    const float base = incl - run;  // log P just before this thread's first step
+    float pm1 = __expf(base);
 #pragma unroll
-    for (int m = 0; m < 4; ++m)
-        st4(dst + own_col(q, m), make_float4(X[4 * m], X[4 * m + 1], X[4 * m + 2], X[4 * m + 3]));
+    for (int u = 0; u < TS; ++u) {
+        const int t = part * TS + u, e = t * N + j;
+        const float aa = base + a[u], p = __expf(aa), ip = __expf(-aa);
+        vec[(V_KT * CHUNK + t) * LD + j] = to_f(raw[RAW_K * CHUNK * N + e]) * ip;
+        vec[(V_BT * CHUNK + t) * LD + j] = to_f(raw[RAW_B * CHUNK * N + e]) * ip;
+        vec[(V_RH * CHUNK + t) * LD + j] = to_f(raw[RAW_R * CHUNK * N + e]) * p;
+        vec[(V_ZH * CHUNK + t) * LD + j] = to_f(raw[RAW_Z * CHUNK * N + e]) * pm1;
+        if (Pt) Pt[e] = p;
+        if (iPt) iPt[e] = ip;
+        if (lw) lw[e] = l[u];
+        pm1 = p;
+    }
+    if (part == PARTS - 1) P15[j] = pm1;
 }
 
-// Shared memory of the row kernels and the per-row input (v forward, dy backward) of the block.
+// ---------------------------------------------------------------------------------------------
+// Row kernels
+
+constexpr int RPT = 4;                   // state rows per thread
+constexpr int CPT = 8;                   // state columns per thread
+constexpr int NQ = CPT / 4;              // float4 groups per thread and row
+constexpr int TPR = N / CPT;             // threads sharing a row
+constexpr int NT_ROW = (N / RPT) * TPR;  // threads per block
+static_assert(NT_ROW % 32 == 0 && TPR >= 4 && TPR <= 32, "row kernel layout");
+
 struct RowSmem {
-    float vec[4 * CHUNK * N];
-    float cum[CHUNK * N];
-    float xs[CHUNK * ROWS];
+    bf16 raw[2][NRAW * CHUNK * N];  // double-buffered chunk inputs
+    bf16 rawx[2][CHUNK * N];        // v (forward) or dy (backward)
+    float vec[4 * CHUNK * N];       // kt, bt, rh, zh
     float P15[N];
 };
 
-__device__ __forceinline__ uint4 load_rows_x(const bf16 *x_, int bb, int c, int h, int T, int H, int row0, int tid) {
-    uint4 u = make_uint4(0, 0, 0, 0);
-    if (tid < 2 * ROWS)
-        u = *reinterpret_cast<const uint4 *>(x_ + row_offset(bb, c * CHUNK + tid / (ROWS / 8), h, T, H) + row0 +
-                                             (tid % (ROWS / 8)) * 8);
-    return u;
-}
+struct RowSmemBwd : RowSmem {
+    float Send[N * N];          // the state at the end of the chunk (for the boundary term)
+    float part[N / RPT][N];     // its partial column sums, per row group
+};
 
-__device__ __forceinline__ void store_rows_x(const uint4 &u, float *xs, int tid) {
-    if (tid >= 2 * ROWS) return;
-    float f[8];
-    unpack8(u, f);
+// Thread (row group rg, part q) owns rows RPT * rg + x and columns own_col(q, m) + e, m < NQ, e < 4.
+__device__ __forceinline__ int own_col(int q, int m) { return 4 * (q + TPR * m); }
+
+typedef float RowTile[RPT][CPT];
+
+// p[x] = sum over the thread's 16 columns of X[x][.] * u[.] (two interleaved partial sums per row)
+__device__ __forceinline__ void tile_dot(const RowTile &X, const float *u, int q, float (&p)[RPT]) {
+    float4 a[NQ];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) xs[tid * 8 + e] = f[e];
-}
-
-// Row kernels, once per chunk: after a barrier, move the chunk held in registers (raw, xu) to
-// shared memory, start loading chunk `next` (if 0 <= next < NC) into the registers, and prepare the
-// scaled vectors. Returns after a barrier.
-__device__ __forceinline__ void stage_chunk(RawChunk &raw, uint4 &xu, RowSmem &sm, const ChunkVecs &cv,
-                                            const bf16 *r_, const bf16 *w_, const bf16 *k_, const bf16 *z_,
-                                            const bf16 *b_, const bf16 *x_, int bb, int next, int h, int T, int H,
-                                            int row0, int tid) {
-    __syncthreads();
-    raw.store(cv, nullptr, tid);
-    store_rows_x(xu, sm.xs, tid);
-    if (next >= 0 && next < T / CHUNK) {
-        raw.load(r_, w_, k_, z_, b_, bb, next, h, T, H, tid);
-        xu = load_rows_x(x_, bb, next, h, T, H, row0, tid);
+    for (int m = 0; m < NQ; ++m) a[m] = ld4(u + own_col(q, m));
+#pragma unroll
+    for (int x = 0; x < RPT; ++x) {
+        float s[2] = {0.f, 0.f};
+#pragma unroll
+        for (int m = 0; m < NQ; ++m) {
+            float &acc = s[m & 1];
+            acc = fmaf(X[x][4 * m], a[m].x, acc);
+            acc = fmaf(X[x][4 * m + 1], a[m].y, acc);
+            acc = fmaf(X[x][4 * m + 2], a[m].z, acc);
+            acc = fmaf(X[x][4 * m + 3], a[m].w, acc);
+        }
+        p[x] = s[0] + s[1];
     }
-    __syncthreads();
-    prep_chunk<NT_ROW>(cv);
 }
 
-__global__ void __launch_bounds__(NT_ROW) fwd_rows_kernel(int T, int H, const bf16 *__restrict__ r_,
-                                                          const bf16 *__restrict__ w_, const bf16 *__restrict__ k_,
-                                                          const bf16 *__restrict__ v_, const bf16 *__restrict__ z_,
-                                                          const bf16 *__restrict__ b_, bf16 *__restrict__ y_,
-                                                          float *__restrict__ sa_, float *__restrict__ states_) {
-    const int row0 = blockIdx.x * ROWS, h = blockIdx.y, bb = blockIdx.z, tid = threadIdx.x;
-    const int q = tid % TPR, rl = tid / TPR, i = row0 + rl, NC = T / CHUNK;
-    __shared__ __align__(16) RowSmem sm;
-    const ChunkVecs cv{sm.vec, sm.cum, sm.P15};
-    float *states = states_ + ((size_t)bb * H + h) * NC * N * N + (size_t)i * N;
-
-    float S[16];
+// X[x][.] += c[x] * u[.]
+__device__ __forceinline__ void tile_axpy(RowTile &X, const float (&c)[RPT], const float *u, int q) {
 #pragma unroll
-    for (int x = 0; x < 16; ++x) S[x] = 0.f;
-    RawChunk raw;
-    raw.load(r_, w_, k_, z_, b_, bb, 0, h, T, H, tid);
-    uint4 xv = load_rows_x(v_, bb, 0, h, T, H, row0, tid);
+    for (int m = 0; m < NQ; ++m) {
+        const float4 a = ld4(u + own_col(q, m));
+#pragma unroll
+        for (int x = 0; x < RPT; ++x) {
+            X[x][4 * m] = fmaf(c[x], a.x, X[x][4 * m]);
+            X[x][4 * m + 1] = fmaf(c[x], a.y, X[x][4 * m + 1]);
+            X[x][4 * m + 2] = fmaf(c[x], a.z, X[x][4 * m + 2]);
+            X[x][4 * m + 3] = fmaf(c[x], a.w, X[x][4 * m + 3]);
+        }
+    }
+}
+
+// X[x][.] = X[x][.] + c1[x] * u1[.] + c2[x] * u2[.] (c2 last: it is the one on the critical path)
+__device__ __forceinline__ void tile_axpy2(RowTile &X, const float (&c1)[RPT], const float *u1, const float (&c2)[RPT],
+                                           const float *u2, int q) {
+#pragma unroll
+    for (int m = 0; m < NQ; ++m) {
+        const float4 a = ld4(u1 + own_col(q, m)), b = ld4(u2 + own_col(q, m));
+#pragma unroll
+        for (int x = 0; x < RPT; ++x) {
+            X[x][4 * m] = fmaf(c2[x], b.x, fmaf(c1[x], a.x, X[x][4 * m]));
+            X[x][4 * m + 1] = fmaf(c2[x], b.y, fmaf(c1[x], a.y, X[x][4 * m + 1]));
+            X[x][4 * m + 2] = fmaf(c2[x], b.z, fmaf(c1[x], a.z, X[x][4 * m + 2]));
+            X[x][4 * m + 3] = fmaf(c2[x], b.w, fmaf(c1[x], a.w, X[x][4 * m + 3]));
+        }
+    }
+}
+
+__device__ __forceinline__ void tile_scale(RowTile &X, const float *u, int q) {
+#pragma unroll
+    for (int m = 0; m < NQ; ++m) {
+        const float4 a = ld4(u + own_col(q, m));
+#pragma unroll
+        for (int x = 0; x < RPT; ++x) {
+            X[x][4 * m] *= a.x;
+            X[x][4 * m + 1] *= a.y;
+            X[x][4 * m + 2] *= a.z;
+            X[x][4 * m + 3] *= a.w;
+        }
+    }
+}
+
+// Rows RPT * rg + x of a row-major [N][N] matrix at dst.
+__device__ __forceinline__ void tile_store(const RowTile &X, float *dst, int rg, int q) {
+#pragma unroll
+    for (int x = 0; x < RPT; ++x)
+#pragma unroll
+        for (int m = 0; m < NQ; ++m)
+            st4(dst + (size_t)(RPT * rg + x) * N + own_col(q, m),
+                make_float4(X[x][4 * m], X[x][4 * m + 1], X[x][4 * m + 2], X[x][4 * m + 3]));
+}
+
+__device__ __forceinline__ float pick(const float (&p)[RPT], int x) {  // p[x], x < RPT
+    float v = p[0];
+#pragma unroll
+    for (int i = 1; i < RPT; ++i) v = x == i ? p[i] : v;
+    return v;
+}
+
+// Sums p[x] over the TPR threads of the row group, into every thread (butterfly: log2(TPR) rounds).
+__device__ __forceinline__ void row_allreduce(float (&p)[RPT]) {
+#pragma unroll
+    for (int off = 1; off < TPR; off <<= 1)
+#pragma unroll
+        for (int x = 0; x < RPT; ++x) p[x] += __shfl_xor_sync(0xffffffffu, p[x], off);
+}
+
+// The full sum of row (q & 3) of the row group (meaningful for q < RPT); p is clobbered.
+__device__ __forceinline__ float row_scatter(float (&p)[RPT], int q) {
+    // reduce-scatter within aligned groups of 4 threads (3 shuffles), then a butterfly across them
+    const bool o1 = q & 1, o2 = q & 2;
+    const float a = (o1 ? p[1] : p[0]) + __shfl_xor_sync(0xffffffffu, o1 ? p[0] : p[1], 1);
+    const float b = (o1 ? p[3] : p[2]) + __shfl_xor_sync(0xffffffffu, o1 ? p[2] : p[3], 1);
+    float mine = (o2 ? b : a) + __shfl_xor_sync(0xffffffffu, o2 ? a : b, 2);
+#pragma unroll
+    for (int off = 4; off < TPR; off <<= 1) mine += __shfl_xor_sync(0xffffffffu, mine, off);
+    return mine;
+}
+
+// RPT = 4 consecutive bf16 of shared memory (8-byte aligned) as floats.
+__device__ __forceinline__ void load_rows(const bf16 *src, float (&out)[RPT]) {
+    const uint2 u = *reinterpret_cast<const uint2 *>(src);
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
+    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
+    out[0] = a.x;
+    out[1] = a.y;
+    out[2] = b.x;
+    out[3] = b.y;
+}
+
+// One forward step t of the row kernel: S~ += v_t kt_t + s_t bt_t; y_t = S~ rh_t; s_{t+1} = S~ zh_{t+1}.
+template <bool NEXT>
+__device__ __forceinline__ void fwd_step(RowTile &S, float (&sa)[RPT], const RowSmem &sm, int buf, int t, int rg, int q,
+                                         bf16 *y_, float *sa_, int bb, int c, int h, int T, int H) {
+    float v[RPT], py[RPT], pn[RPT];
+    load_rows(sm.rawx[buf] + t * N + RPT * rg, v);
+    tile_axpy2(S, v, sm.vec + (V_KT * CHUNK + t) * N, sa, sm.vec + (V_BT * CHUNK + t) * N, q);
+    tile_dot(S, sm.vec + (V_RH * CHUNK + t) * N, q, py);
+    if (NEXT) {
+        tile_dot(S, sm.vec + (V_ZH * CHUNK + t + 1) * N, q, pn);
+        row_allreduce(pn);
+    }
+    const float sa_mine = pick(sa, q & 3), y = row_scatter(py, q);
+    if (q < RPT) {
+        const size_t o = row_offset(bb, c * CHUNK + t, h, T, H) + RPT * rg + q;
+        y_[o] = to_bf(y);
+        sa_[o] = sa_mine;
+    }
+    if (NEXT)
+#pragma unroll
+        for (int x = 0; x < RPT; ++x) sa[x] = pn[x];
+}
+
+// One backward step t of the row kernel: G^ += dy_t rh_t (+ ds_{t+1} zh_{t+1} pending from step t+1);
+// dv_t = G^ kt_t; ds_t = G^ bt_t (left in ds, its zh_t term pending).
+template <bool PENDING>
+__device__ __forceinline__ void bwd_step(RowTile &G, float (&ds)[RPT], const RowSmem &sm, int buf, int t, int rg, int q,
+                                         bf16 *dv_, float *ds_, int bb, int c, int h, int T, int H) {
+    float dy[RPT], pv[RPT];
+    load_rows(sm.rawx[buf] + t * N + RPT * rg, dy);
+    if (PENDING) tile_axpy2(G, dy, sm.vec + (V_RH * CHUNK + t) * N, ds, sm.vec + (V_ZH * CHUNK + t + 1) * N, q);
+    else tile_axpy(G, dy, sm.vec + (V_RH * CHUNK + t) * N, q);
+    tile_dot(G, sm.vec + (V_BT * CHUNK + t) * N, q, ds);
+    tile_dot(G, sm.vec + (V_KT * CHUNK + t) * N, q, pv);
+    row_allreduce(ds);
+    const float dv = row_scatter(pv, q), ds_mine = pick(ds, q & 3);
+    if (q < RPT) {
+        const size_t o = row_offset(bb, c * CHUNK + t, h, T, H) + RPT * rg + q;
+        dv_[o] = to_bf(dv);
+        ds_[o] = ds_mine;
+    }
+}
+
+struct RowArgs {
+    int T, H;
+    const bf16 *src[NRAW];  // r, w, k, z, b
+    const bf16 *x;          // v (forward) or dy (backward)
+};
+
+__global__ void __launch_bounds__(NT_ROW) fwd_rows_kernel(const RowArgs args, bf16 *__restrict__ y_,
+                                                          float *__restrict__ sa_, float *__restrict__ states_) {
+    const int T = args.T, H = args.H, h = blockIdx.x, bb = blockIdx.y, tid = threadIdx.x;
+    const int q = tid % TPR, rg = tid / TPR, NC = T / CHUNK;
+    extern __shared__ float4 smem_rows[];
+    RowSmem &sm = *reinterpret_cast<RowSmem *>(smem_rows);
+    float *states = states_ + ((size_t)bb * H + h) * NC * N * N;
+
+    RowTile S;
+#pragma unroll
+    for (int x = 0; x < RPT; ++x)
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) S[x][c] = 0.f;
+    issue_chunk<NT_ROW>(sm.raw[0], sm.rawx[0], args.src, args.x, bb, 0, h, T, H, tid);
 
     for (int c = 0; c < NC; ++c) {
-        stage_chunk(raw, xv, sm, cv, r_, w_, k_, z_, b_, v_, bb, c + 1, h, T, H, row0, tid);
-#pragma unroll
-        for (int t = 0; t < CHUNK; ++t) {
-            const float sa = row_dot(S, cv.zh() + t * N, q);
-            row_axpy(S, sm.xs[t * ROWS + rl], cv.kt() + t * N, q);
-            row_axpy(S, sa, cv.bt() + t * N, q);
-            const float y = row_dot(S, cv.rh() + t * N, q);
-            if (q == 0) {
-                const size_t o = row_offset(bb, c * CHUNK + t, h, T, H) + i;
-                y_[o] = to_bf(y);
-                sa_[o] = sa;
-            }
-        }
-        row_scale(S, sm.P15, q);  // S~ -> S at the chunk end
-        row_store(S, states + (size_t)c * N * N, q);
+        const int buf = c & 1;
+        cp_async_wait_all();
+        __syncthreads();
+        if (c + 1 < NC) issue_chunk<NT_ROW>(sm.raw[buf ^ 1], sm.rawx[buf ^ 1], args.src, args.x, bb, c + 1, h, T, H, tid);
+        prep_columns<NT_ROW, N>(sm.raw[buf], sm.vec, sm.P15, nullptr, nullptr, nullptr, tid);
+        __syncthreads();
+        // s_0 from the chunk-start state, then per step: update, y_t and s_{t+1} from the new state.
+        float sa[RPT];
+        tile_dot(S, sm.vec + V_ZH * CHUNK * N, q, sa);
+        row_allreduce(sa);
+#pragma unroll 3
+        for (int t = 0; t < CHUNK - 1; ++t) fwd_step<true>(S, sa, sm, buf, t, rg, q, y_, sa_, bb, c, h, T, H);
+        fwd_step<false>(S, sa, sm, buf, CHUNK - 1, rg, q, y_, sa_, bb, c, h, T, H);
+        tile_scale(S, sm.P15, q);  // S~ -> S at the chunk end
+        tile_store(S, states + (size_t)c * N * N, rg, q);
     }
 }
 
-__global__ void __launch_bounds__(NT_ROW) bwd_rows_kernel(int T, int H, const bf16 *__restrict__ r_,
-                                                          const bf16 *__restrict__ w_, const bf16 *__restrict__ k_,
-                                                          const bf16 *__restrict__ z_, const bf16 *__restrict__ b_,
-                                                          const bf16 *__restrict__ dy_, bf16 *__restrict__ dv_,
-                                                          float *__restrict__ ds_, float *__restrict__ hstates_) {
-    const int row0 = blockIdx.x * ROWS, h = blockIdx.y, bb = blockIdx.z, tid = threadIdx.x;
-    const int q = tid % TPR, rl = tid / TPR, i = row0 + rl, NC = T / CHUNK;
-    __shared__ __align__(16) RowSmem sm;
-    const ChunkVecs cv{sm.vec, sm.cum, sm.P15};
-    float *hstates = hstates_ + ((size_t)bb * H + h) * NC * N * N + (size_t)i * N;
+__global__ void __launch_bounds__(NT_ROW) bwd_rows_kernel(const RowArgs args, const float *__restrict__ states_,
+                                                          bf16 *__restrict__ dv_, float *__restrict__ ds_,
+                                                          float *__restrict__ hstates_, float *__restrict__ bnd_) {
+    const int T = args.T, H = args.H, h = blockIdx.x, bb = blockIdx.y, tid = threadIdx.x;
+    const int q = tid % TPR, rg = tid / TPR, NC = T / CHUNK;
+    extern __shared__ float4 smem_rows[];
+    RowSmemBwd &sm = *reinterpret_cast<RowSmemBwd *>(smem_rows);
+    const size_t bh = (size_t)bb * H + h;
+    float *hstates = hstates_ + bh * NC * N * N;
+    const float *states = states_ + bh * NC * N * N;
 
-    float G[16];  // dL/dS (from steps after the current chunk) at the chunk end; scaled G^ inside
+    RowTile G;  // dL/dS at the chunk end from later steps; scaled G^ inside the chunk
 #pragma unroll
-    for (int x = 0; x < 16; ++x) G[x] = 0.f;
-    RawChunk raw;
-    raw.load(r_, w_, k_, z_, b_, bb, NC - 1, h, T, H, tid);
-    uint4 xdy = load_rows_x(dy_, bb, NC - 1, h, T, H, row0, tid);
+    for (int x = 0; x < RPT; ++x)
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) G[x][c] = 0.f;
+    issue_chunk<NT_ROW>(sm.raw[0], sm.rawx[0], args.src, args.x, bb, NC - 1, h, T, H, tid);
 
-    for (int c = NC - 1; c >= 0; --c) {
-        row_store(G, hstates + (size_t)c * N * N, q);
-        stage_chunk(raw, xdy, sm, cv, r_, w_, k_, z_, b_, dy_, bb, c - 1, h, T, H, row0, tid);
-        row_scale(G, sm.P15, q);
+    for (int c = NC - 1, n = 0; c >= 0; --c, ++n) {
+        const int buf = n & 1;
+        tile_store(G, hstates + (size_t)c * N * N, rg, q);
+        cp_async_wait_all();
+        __syncthreads();
+        if (c > 0) issue_chunk<NT_ROW>(sm.raw[buf ^ 1], sm.rawx[buf ^ 1], args.src, args.x, bb, c - 1, h, T, H, tid);
+        if (c + 1 < NC) {  // boundary term: partial column sums of S_end * G over this thread's rows
 #pragma unroll
-        for (int t = CHUNK - 1; t >= 0; --t) {
-            row_axpy(G, sm.xs[t * ROWS + rl], cv.rh() + t * N, q);
-            const float dv = row_dot(G, cv.kt() + t * N, q);
-            const float ds = row_dot(G, cv.bt() + t * N, q);
-            row_axpy(G, ds, cv.zh() + t * N, q);
-            if (q == 0) {
-                const size_t o = row_offset(bb, c * CHUNK + t, h, T, H) + i;
-                dv_[o] = to_bf(dv);
-                ds_[o] = ds;
+            for (int m = 0; m < NQ; ++m) {
+                float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+                for (int x = 0; x < RPT; ++x) {
+                    const float4 s4 = ld4(sm.Send + (RPT * rg + x) * N + own_col(q, m));
+                    acc.x = fmaf(s4.x, G[x][4 * m], acc.x);
+                    acc.y = fmaf(s4.y, G[x][4 * m + 1], acc.y);
+                    acc.z = fmaf(s4.z, G[x][4 * m + 2], acc.z);
+                    acc.w = fmaf(s4.w, G[x][4 * m + 3], acc.w);
+                }
+                st4(&sm.part[rg][own_col(q, m)], acc);
             }
         }
+        prep_columns<NT_ROW, N>(sm.raw[buf], sm.vec, sm.P15, nullptr, nullptr, nullptr, tid);
+        __syncthreads();
+        if (c > 0) {  // S_end of the next chunk down, one chunk ahead
+            for (int e = tid; e < N * N / 4; e += NT_ROW) cp_async16(sm.Send + 4 * e, states + (size_t)(c - 1) * N * N + 4 * e);
+            cp_async_commit();
+        }
+        for (int j = tid; j < N; j += NT_ROW) {
+            float s = 0.f;
+            if (c + 1 < NC)
+#pragma unroll
+                for (int g = 0; g < N / RPT; ++g) s += sm.part[g][j];
+            bnd_[(bh * NC + c) * N + j] = s;
+        }
+        tile_scale(G, sm.P15, q);
+        float ds[RPT];
+        bwd_step<false>(G, ds, sm, buf, CHUNK - 1, rg, q, dv_, ds_, bb, c, h, T, H);
+#pragma unroll 3
+        for (int t = CHUNK - 2; t >= 0; --t) bwd_step<true>(G, ds, sm, buf, t, rg, q, dv_, ds_, bb, c, h, T, H);
+        tile_axpy(G, ds, sm.vec + V_ZH * CHUNK * N, q);  // G_{-1} = G_0 + ds_0 z_0^T: the next chunk's He
     }
 }
 
-// acc[x][e] += sum_k a[x * lda + k] * b[k * N + e], x, e < 4: a 4x4 output tile, both operands in
-// shared memory, K a multiple of 4.
-template <int K>
-__device__ __forceinline__ void tile_product(float (&acc)[4][4], const float *a, int lda, const float *b) {
-#pragma unroll 4
-    for (int kk = 0; kk < K; kk += 4) {
-        float4 av[4];
-#pragma unroll
-        for (int x = 0; x < 4; ++x) av[x] = ld4(a + x * lda + kk);
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const float4 bv = ld4(b + (kk + u) * N);
-#pragma unroll
-            for (int x = 0; x < 4; ++x) {
-                const float s = u == 0 ? av[x].x : u == 1 ? av[x].y : u == 2 ? av[x].z : av[x].w;
-                acc[x][0] = fmaf(s, bv.x, acc[x][0]);
-                acc[x][1] = fmaf(s, bv.y, acc[x][1]);
-                acc[x][2] = fmaf(s, bv.z, acc[x][2]);
-                acc[x][3] = fmaf(s, bv.w, acc[x][3]);
-            }
-        }
-    }
-}
+// ---------------------------------------------------------------------------------------------
+// Chunk kernel
+
+constexpr int NT_CH = 256;         // 8 warps
+constexpr int LDA = N + 4;         // left operands (row-major, k contiguous): bank = 4 g + t4
+constexpr int LDB = N + 8;         // right operands (row-major, n contiguous): bank = 8 t4 + g
+constexpr int LDI = 2 * CHUNK + 4;
 
 // Shared memory of the chunk kernel, in floats.
 struct ChunkLayout {
-    static constexpr int Sc = 0;                    // [N][N] state before the chunk
-    static constexpr int Hs = Sc + N * N;           // [N][N] P_15 * (state gradient at the chunk end)
-    static constexpr int vec = Hs + N * N;          // kt, bt, rh, zh
-    static constexpr int cum = vec + 4 * CHUNK * N;
-    static constexpr int lw = cum + CHUNK * N;      // log d_t = -exp(w_t)
-    static constexpr int A = lw + CHUNK * N;        // [64][LDA]: rows dy, ds, v, s; later the outputs
-    static constexpr int Ai = A + 64 * LDA;         // [64][LDI] intra-chunk coefficients
-    static constexpr int M = Ai + 64 * LDI;         // [32][LDM] Gram matrix [dy; ds] [v; s]^T
-    static constexpr int part = Ai;                 // [16][N] partial column sums (steps 1-2 only)
-    static constexpr int P15 = (M + 2 * CHUNK * LDM + 3) / 4 * 4;
+    static constexpr int Sc = 0;                       // [N][LDB] state before the chunk
+    static constexpr int Hs = Sc + N * LDB;            // [N][LDB] state gradient at the chunk end (He)
+    static constexpr int vec = Hs + N * LDB;           // [4 * CHUNK][LDB] kt, bt, rh, zh
+    static constexpr int A = vec + 4 * CHUNK * LDB;    // [64][LDA] rows dy, ds, v, s; later the outputs
+    static constexpr int Ai = A + 64 * LDA;            // [64][LDI] intra-chunk coefficients
+    static constexpr int Pt = Ai + 64 * LDI;           // [CHUNK][N] P_t
+    static constexpr int iPt = Pt + CHUNK * N;         // [CHUNK][N] 1 / P_t
+    static constexpr int lw = iPt + CHUNK * N;         // [CHUNK][N] log d_t
+    static constexpr int raw = lw + CHUNK * N;         // bf16 [NRAW][CHUNK][N]
+    static constexpr int P15 = raw + NRAW * CHUNK * N / 2;
     static constexpr int bnd = P15 + N;
     static constexpr int total = bnd + N;
-    static_assert(16 * N <= 64 * LDI + 2 * CHUNK * LDM, "partial sums fit in Ai and M");
-    static_assert(total * sizeof(float) <= 227 * 1024, "shared memory of one block");
+    static_assert(total * sizeof(float) <= 113 * 1024, "two blocks per SM");
 };
 
-__global__ void __launch_bounds__(NT_CH) bwd_chunk_kernel(
-    int T, int H, const bf16 *__restrict__ r_, const bf16 *__restrict__ w_, const bf16 *__restrict__ k_,
-    const bf16 *__restrict__ v_, const bf16 *__restrict__ z_, const bf16 *__restrict__ b_,
-    const bf16 *__restrict__ dy_, const float *__restrict__ sa_, const float *__restrict__ ds_,
-    const float *__restrict__ states_, const float *__restrict__ hstates_, bf16 *__restrict__ dr_,
-    bf16 *__restrict__ dw_, bf16 *__restrict__ dk_, bf16 *__restrict__ dz_, bf16 *__restrict__ db_) {
+__device__ __forceinline__ void split_tf32(float x, uint32_t &hi, uint32_t &lo) {
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(hi) : "f"(x));
+    const float r = x - __uint_as_float(hi);
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(lo) : "f"(r));
+}
+
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// acc[nt] (a 16 x 8 tile, mma layout) += a[16 x K] * b[K x 8 NTILES] with fp32 accuracy (3xTF32:
+// a_hi b_hi + a_hi b_lo + a_lo b_hi; a_lo = 0 when a is exactly bf16 (a_exact), likewise b). a is
+// row-major (lda); b is row-major (ldb), or given transposed (element (k, n) at b[n * ldb + k]) when TB.
+template <int K, int NTILES, bool TB>
+__device__ __forceinline__ void warp_gemm(float (&acc)[NTILES][4], const float *a, int lda, const float *b, int ldb,
+                                          int lane, bool a_exact, bool b_exact) {
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll 2
+    for (int k0 = 0; k0 < K; k0 += 8) {
+        uint32_t ah[4], al[4];
+        split_tf32(a[g * lda + k0 + t4], ah[0], al[0]);
+        split_tf32(a[(g + 8) * lda + k0 + t4], ah[1], al[1]);
+        split_tf32(a[g * lda + k0 + t4 + 4], ah[2], al[2]);
+        split_tf32(a[(g + 8) * lda + k0 + t4 + 4], ah[3], al[3]);
+#pragma unroll
+        for (int nt = 0; nt < NTILES; ++nt) {
+            const int n = 8 * nt + g;
+            uint32_t bh[2], bl[2];
+            split_tf32(TB ? b[n * ldb + k0 + t4] : b[(k0 + t4) * ldb + n], bh[0], bl[0]);
+            split_tf32(TB ? b[n * ldb + k0 + t4 + 4] : b[(k0 + t4 + 4) * ldb + n], bh[1], bl[1]);
+            if (!a_exact) mma_tf32(acc[nt], al, bh);
+            if (!b_exact) mma_tf32(acc[nt], ah, bl);
+            mma_tf32(acc[nt], ah, bh);
+        }
+    }
+}
+
+__global__ void __launch_bounds__(NT_CH, 2) bwd_chunk_kernel(
+    const RowArgs args, const bf16 *__restrict__ v_, const bf16 *__restrict__ dy_, const float *__restrict__ sa_,
+    const float *__restrict__ ds_, const float *__restrict__ states_, const float *__restrict__ hstates_,
+    const float *__restrict__ bnd_, bf16 *__restrict__ dr_, bf16 *__restrict__ dw_, bf16 *__restrict__ dk_,
+    bf16 *__restrict__ dz_, bf16 *__restrict__ db_) {
     typedef ChunkLayout L;
-    const int c = blockIdx.x, h = blockIdx.y, bb = blockIdx.z, tid = threadIdx.x, NC = T / CHUNK;
+    const int T = args.T, H = args.H, c = blockIdx.x, h = blockIdx.y, bb = blockIdx.z, tid = threadIdx.x;
+    const int NC = T / CHUNK, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
     extern __shared__ float4 smem4[];
     float *sm = reinterpret_cast<float *>(smem4);
-    const ChunkVecs cv{sm + L::vec, sm + L::cum, sm + L::P15};
     float *A = sm + L::A;
     const size_t bh = (size_t)bb * H + h;
 
     // 1. Load. Rows of A: 0..15 dy, 16..31 ds, 32..47 v, 48..63 s.
+    bf16 *raw = reinterpret_cast<bf16 *>(sm + L::raw);
+    issue_chunk<NT_CH>(raw, nullptr, args.src, nullptr, bb, c, h, T, H, tid);
+    for (int e = tid; e < CHUNK * N / 4; e += NT_CH) {
+        const int t = e / (N / 4), j = (e % (N / 4)) * 4;
+        const size_t o = row_offset(bb, c * CHUNK + t, h, T, H) + j;
+        cp_async16(A + (CHUNK + t) * LDA + j, ds_ + o);
+        cp_async16(A + (3 * CHUNK + t) * LDA + j, sa_ + o);
+    }
+    const float *Sprev = states_ + (bh * NC + (c > 0 ? c - 1 : 0)) * N * N;
+    const float *He = hstates_ + (bh * NC + c) * N * N;
+    for (int e = tid; e < N * N / 4; e += NT_CH) {
+        const int i = e / (N / 4), j = (e % (N / 4)) * 4;
+        if (c > 0) cp_async16(sm + L::Sc + i * LDB + j, Sprev + i * N + j);
+        else st4(sm + L::Sc + i * LDB + j, make_float4(0.f, 0.f, 0.f, 0.f));
+        cp_async16(sm + L::Hs + i * LDB + j, He + i * N + j);
+    }
+    cp_async_commit();
+    for (int e = tid; e < CHUNK * N / 8; e += NT_CH) {
+        const int t = e / (N / 8), j = (e % (N / 8)) * 8;
+        const size_t o = row_offset(bb, c * CHUNK + t, h, T, H) + j;
+        float f[8];
+        unpack8(*reinterpret_cast<const uint4 *>(dy_ + o), f);
+#pragma unroll
+        for (int x = 0; x < 8; ++x) A[t * LDA + j + x] = f[x];
+        unpack8(*reinterpret_cast<const uint4 *>(v_ + o), f);
+#pragma unroll
+        for (int x = 0; x < 8; ++x) A[(2 * CHUNK + t) * LDA + j + x] = f[x];
+    }
+    for (int j = tid; j < N; j += NT_CH) sm[L::bnd + j] = bnd_[(bh * NC + c) * N + j];
+    cp_async_wait_all();
+    __syncthreads();
+
+    // 2. Scaled chunk vectors and the P_t tables.
+    prep_columns<NT_CH, LDB>(raw, sm + L::vec, sm + L::P15, sm + L::Pt, sm + L::iPt, sm + L::lw, tid);
+    __syncthreads();
+
+    // 3. Gram matrix M[a][b] = A[a] . A[32 + b] (a: dy, ds rows; b: v, s rows), one 16 x 8 tile per
+    //    warp, written straight into the intra-chunk coefficients Ai (64 x 32). Output rows of X:
+    //    0..15 X_R (dr), 16..31 X_Z (dz), 32..47 X_K (dk), 48..63 X_B (db); columns index the right
+    //    operand rows [kt; bt] (X_R, X_Z) or [rh; zh] (X_K, X_B). M[a][b] lands at Ai[a][b] and at
+    //    Ai[32 + b][a], both kept where (b mod 16) <= (a mod 16) for dy rows, < for ds rows.
     {
-        RawChunk raw;
-        raw.load(r_, w_, k_, z_, b_, bb, c, h, T, H, tid);
-        raw.store(cv, sm + L::lw, tid);
-        if (tid < 2 * N) {
-            const int t = tid / (N / 8), j = (tid % (N / 8)) * 8;
-            const size_t o = row_offset(bb, c * CHUNK + t, h, T, H) + j;
-            float f[8];
-            unpack8(*reinterpret_cast<const uint4 *>(dy_ + o), f);
+        float acc[1][4] = {};
+        const int m0 = 16 * (warp & 1), n0 = 8 * (warp >> 1);
+        warp_gemm<N, 1, true>(acc, A + m0 * LDA, LDA, A + (2 * CHUNK + n0) * LDA, LDA, lane, m0 < CHUNK, n0 < CHUNK);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) A[t * LDA + j + e] = f[e];
-            unpack8(*reinterpret_cast<const uint4 *>(v_ + o), f);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) A[(2 * CHUNK + t) * LDA + j + e] = f[e];
+        for (int i = 0; i < 4; ++i) {
+            const int a = m0 + g + 8 * (i >> 1), b = n0 + 2 * t4 + (i & 1);
+            const int ta = a % CHUNK, tb = b % CHUNK;
+            const bool keep = a < CHUNK ? tb <= ta : tb < ta;
+            const float val = keep ? acc[0][i] : 0.f;
+            sm[L::Ai + a * LDI + b] = val;
+            sm[L::Ai + (2 * CHUNK + b) * LDI + a] = val;
         }
-        for (int e = tid; e < CHUNK * N / 4; e += NT_CH) {
-            const int t = e / (N / 4), j = (e % (N / 4)) * 4;
-            const size_t o = row_offset(bb, c * CHUNK + t, h, T, H) + j;
-            st4(A + (CHUNK + t) * LDA + j, ld4(ds_ + o));
-            st4(A + (3 * CHUNK + t) * LDA + j, ld4(sa_ + o));
-        }
-        const float *Sprev = states_ + (bh * NC + (c > 0 ? c - 1 : 0)) * N * N;
-        const float *Send = states_ + (bh * NC + c) * N * N;
-        const float *He = hstates_ + (bh * NC + c) * N * N;
-        const int cg = tid % (N / 4), rg = tid / (N / 4);  // rg = 0..15
-        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-        for (int m = 0; m < N / 16; ++m) {
-            const int idx = (rg + 16 * m) * N + 4 * cg;
-            st4(sm + L::Sc + idx, c > 0 ? ld4(Sprev + idx) : make_float4(0.f, 0.f, 0.f, 0.f));
-            const float4 g = ld4(He + idx);
-            st4(sm + L::Hs + idx, g);
-            if (c + 1 < NC) {
-                const float4 s = ld4(Send + idx);
-                acc.x = fmaf(s.x, g.x, acc.x);
-                acc.y = fmaf(s.y, g.y, acc.y);
-                acc.z = fmaf(s.z, g.z, acc.z);
-                acc.w = fmaf(s.w, g.w, acc.w);
-            }
-        }
-        st4(sm + L::part + rg * N + 4 * cg, acc);
     }
     __syncthreads();
 
-    // 2. Scaled chunk vectors, H^ = P_15 * He, boundary term sum_i S_end[i,j] He[i,j].
-    prep_chunk<NT_CH>(cv);
-    for (int e = tid; e < N * N; e += NT_CH) sm[L::Hs + e] *= cv.P15[e % N];
-    if (tid < N) {
-        float s = 0.f;
+    // 4. X = A * (Sc | He P_15) + Ai * ([kt; bt] | [rh; zh]); warp w: rows 16 mt.., columns n0..n0+N/2-1.
+    constexpr int NTW = N / 16;  // n-tiles per warp
+    const int mt = warp & 3, n0 = (N / 2) * (warp >> 2);
+    const bool top = mt < 2;
+    float acc[NTW][4] = {};
+    // rows dy (mt 0) and v (mt 2) are exactly bf16
+    warp_gemm<N, NTW, false>(acc, A + 16 * mt * LDA, LDA, sm + (top ? L::Sc : L::Hs) + n0, LDB, lane, !(mt & 1), false);
+    if (!top)
 #pragma unroll
-        for (int g = 0; g < 16; ++g) s += sm[L::part + g * N + tid];
-        sm[L::bnd + tid] = s;
-    }
-
-    // 3. Gram matrix M[a][b] = A[a] . A[32 + b], a, b < 32.
-    float *M = sm + L::M;
-    for (int e = tid; e < 4 * CHUNK * CHUNK; e += NT_CH) {
-        const int a = e / (2 * CHUNK), bcol = e % (2 * CHUNK);
-        const float *pa = A + a * LDA, *pb = A + (2 * CHUNK + bcol) * LDA;
-        float s0 = 0.f, s1 = 0.f;
+        for (int nt = 0; nt < NTW; ++nt)
 #pragma unroll
-        for (int j = 0; j < N; j += 4) {
-            const float4 x = ld4(pa + j), y = ld4(pb + j);
-            s0 = fmaf(x.x, y.x, s0);
-            s1 = fmaf(x.y, y.y, s1);
-            s0 = fmaf(x.z, y.z, s0);
-            s1 = fmaf(x.w, y.w, s1);
-        }
-        M[a * LDM + bcol] = s0 + s1;
-    }
-    __syncthreads();
-
-    // 4. Intra-chunk coefficients. Output rows: 0..15 X_R (dr), 16..31 X_Z (dz), 32..47 X_K (dk),
-    //    48..63 X_B (db); columns index the right operand rows [kt; bt] (X_R, X_Z) or [rh; zh] (X_K, X_B).
-    float *Ai = sm + L::Ai;
-    for (int e = tid; e < 4 * CHUNK * 2 * CHUNK; e += NT_CH) {
-        const int row = e / (2 * CHUNK), col = e % (2 * CHUNK);
-        const int typ = row / CHUNK, t = row % CHUNK, half = col / CHUNK, u = col % CHUNK;
-        float val;
-        if (typ == 0) val = u <= t ? M[t * LDM + half * CHUNK + u] : 0.f;                  // dy_t.v_u, dy_t.s_u
-        else if (typ == 1) val = u < t ? M[(CHUNK + t) * LDM + half * CHUNK + u] : 0.f;    // ds_t.v_u, ds_t.s_u
-        else {
-            const int bc = (typ - 2) * CHUNK + t;                                          // v_t or s_t
-            val = half == 0 ? (u >= t ? M[u * LDM + bc] : 0.f)                              // dy_u . (v|s)_t
-                            : (u > t ? M[(CHUNK + u) * LDM + bc] : 0.f);                    // ds_u . (v|s)_t
-        }
-        Ai[row * LDI + col] = val;
-    }
-    __syncthreads();
-
-    // 5. X = A * (Sc | H^) + Ai * ([kt; bt] | [rh; zh]); thread: rows 4rg..4rg+3, columns 4cg..4cg+3.
-    const int cg = tid % (N / 4), rg = tid / (N / 4);
-    const float *Bst = sm + (rg < 8 ? L::Sc : L::Hs);
-    const float *Bin = cv.vec + (rg < 8 ? 0 : 2 * CHUNK * N);
-    float acc[4][4];
-#pragma unroll
-    for (int a = 0; a < 4; ++a)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[a][e] = 0.f;
-    tile_product<N>(acc, A + 4 * rg * LDA, LDA, Bst + 4 * cg);
-    tile_product<2 * CHUNK>(acc, sm + L::Ai + 4 * rg * LDI, LDI, Bin + 4 * cg);
-
-    // 6. dr = P_t X_R, dz = P_{t-1} X_Z, dk = X_K / P_t, db = X_B / P_t.
-#pragma unroll
-    for (int x = 0; x < 4; ++x) {
-        const int row = 4 * rg + x, typ = row / CHUNK, t = row % CHUNK, j = 4 * cg;
-        bf16 *out = typ == 0 ? dr_ : typ == 1 ? dz_ : typ == 2 ? dk_ : db_;
-        __align__(8) bf16 o4[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            float sc;
-            if (typ == 0) sc = __expf(cv.cum[t * N + j + e]);
-            else if (typ == 1) sc = t ? __expf(cv.cum[(t - 1) * N + j + e]) : 1.f;
-            else sc = __expf(-cv.cum[t * N + j + e]);
-            o4[e] = to_bf(acc[x][e] * sc);
-        }
-        *reinterpret_cast<uint2 *>(out + row_offset(bb, c * CHUNK + t, h, T, H) + j) = *reinterpret_cast<uint2 *>(o4);
-    }
+            for (int i = 0; i < 4; ++i) acc[nt][i] *= sm[L::P15 + n0 + 8 * nt + 2 * t4 + (i & 1)];
+    warp_gemm<2 * CHUNK, NTW, false>(acc, sm + L::Ai + 16 * mt * LDI, LDI,
+                                     sm + L::vec + (top ? 0 : 2 * CHUNK) * LDB + n0, LDB, lane, false, false);
     __syncthreads();  // everyone is done reading A
+
+    // 5. dr = P_t X_R, dz = P_{t-1} X_Z, dk = X_K / P_t, db = X_B / P_t; X staged in A for step 6.
+    {
+        bf16 *out = mt == 0 ? dr_ : mt == 1 ? dz_ : mt == 2 ? dk_ : db_;
 #pragma unroll
-    for (int x = 0; x < 4; ++x) st4(A + (4 * rg + x) * LDA + 4 * cg, make_float4(acc[x][0], acc[x][1], acc[x][2], acc[x][3]));
+        for (int nt = 0; nt < NTW; ++nt)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int t = g + 8 * hh, j = n0 + 8 * nt + 2 * t4;
+                const float x0 = acc[nt][2 * hh], x1 = acc[nt][2 * hh + 1];
+                A[(16 * mt + t) * LDA + j] = x0;
+                A[(16 * mt + t) * LDA + j + 1] = x1;
+                float s0 = 1.f, s1 = 1.f;
+                if (mt == 0) s0 = sm[L::Pt + t * N + j], s1 = sm[L::Pt + t * N + j + 1];
+                else if (mt == 1) {
+                    if (t) s0 = sm[L::Pt + (t - 1) * N + j], s1 = sm[L::Pt + (t - 1) * N + j + 1];
+                } else s0 = sm[L::iPt + t * N + j], s1 = sm[L::iPt + t * N + j + 1];
+                *reinterpret_cast<__nv_bfloat162 *>(out + row_offset(bb, c * CHUNK + t, h, T, H) + j) =
+                    __floats2bfloat162_rn(x0 * s0, x1 * s1);
+            }
+    }
     __syncthreads();
 
-    // 7. dw_t = log d_t * sum_{t' >= t} dA_t'.
-    if (tid < N) {
-        const int j = tid;
-        float s = sm[L::bnd + j];
-        for (int t = CHUNK - 1; t >= 0; --t) {
-            s = fmaf(cv.rh()[t * N + j], A[t * LDA + j], s);
-            s = fmaf(-cv.kt()[t * N + j], A[(2 * CHUNK + t) * LDA + j], s);
-            s = fmaf(-cv.bt()[t * N + j], A[(3 * CHUNK + t) * LDA + j], s);
-            if (t + 1 < CHUNK) s = fmaf(cv.zh()[(t + 1) * N + j], A[(CHUNK + t + 1) * LDA + j], s);
-            dw_[row_offset(bb, c * CHUNK + t, h, T, H) + j] = to_bf(sm[L::lw + t * N + j] * s);
+    // 6. dw_t = log d_t * sum_{t' >= t} dA_t': 4 threads per column, a shuffle suffix scan across them.
+    {
+        const int j = tid / 4, part = tid % 4;
+        if (j < N) {  // whole warps
+            const float *vec = sm + L::vec;
+            float dA[4], tot = 0.f;
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int t = 4 * part + u;
+                float s = vec[(V_RH * CHUNK + t) * LDB + j] * A[t * LDA + j];
+                s = fmaf(-vec[(V_KT * CHUNK + t) * LDB + j], A[(2 * CHUNK + t) * LDA + j], s);
+                s = fmaf(-vec[(V_BT * CHUNK + t) * LDB + j], A[(3 * CHUNK + t) * LDA + j], s);
+                if (t + 1 < CHUNK) s = fmaf(vec[(V_ZH * CHUNK + t + 1) * LDB + j], A[(CHUNK + t + 1) * LDA + j], s);
+                dA[u] = s;
+                tot += s;
+            }
+            float incl = tot;
+#pragma unroll
+            for (int off = 1; off < 4; off <<= 1) {
+                const float o = __shfl_down_sync(0xffffffffu, incl, off, 4);
+                if (part + off < 4) incl += o;
+            }
+            float s = sm[L::bnd + j] + (incl - tot);
+#pragma unroll
+            for (int u = 3; u >= 0; --u) {
+                const int t = 4 * part + u;
+                s += dA[u];
+                dw_[row_offset(bb, c * CHUNK + t, h, T, H) + j] = to_bf(sm[L::lw + t * N + j] * s);
+            }
         }
     }
 }
 
 }  // namespace
 }  // namespace wkv7
+#endif  // _N_ == 32 || _N_ == 64
 
 using namespace wkv7;
 
+#ifdef WKV7_CHUNKED_SUPPORTED
+namespace {
+RowArgs row_args(int T, int H, const void *r, const void *w, const void *k, const void *z, const void *b,
+                 const void *x) {
+    RowArgs a;
+    a.T = T;
+    a.H = H;
+    a.src[RAW_R] = (const bf16 *)r;
+    a.src[RAW_W] = (const bf16 *)w;
+    a.src[RAW_K] = (const bf16 *)k;
+    a.src[RAW_Z] = (const bf16 *)z;
+    a.src[RAW_B] = (const bf16 *)b;
+    a.x = (const bf16 *)x;
+    return a;
+}
+
+template <typename K>
+cudaError_t set_smem(K kernel, int bytes) {
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+}  // namespace
+#endif
+
 extern "C" int wkv7_chunked_forward(int B, int T, int H, const void *r, const void *w, const void *k, const void *v,
                                     const void *z, const void *b, void *y, float *sa, float *states, void *stream) {
+#ifdef WKV7_CHUNKED_SUPPORTED
     if (T % CHUNK) return (int)cudaErrorInvalidValue;
-    fwd_rows_kernel<<<dim3(N / ROWS, H, B), NT_ROW, 0, (cudaStream_t)stream>>>(
-        T, H, (const bf16 *)r, (const bf16 *)w, (const bf16 *)k, (const bf16 *)v, (const bf16 *)z,
-        (const bf16 *)b, (bf16 *)y, sa, states);
+    const int smem = (int)sizeof(RowSmem);
+    cudaError_t err = set_smem(fwd_rows_kernel, smem);
+    if (err != cudaSuccess) return (int)err;
+    fwd_rows_kernel<<<dim3(H, B), NT_ROW, smem, (cudaStream_t)stream>>>(row_args(T, H, r, w, k, z, b, v), (bf16 *)y,
+                                                                         sa, states);
     return (int)cudaGetLastError();
+#else
+    return (int)cudaErrorNotSupported;
+#endif
 }
 
 extern "C" int wkv7_chunked_backward(int B, int T, int H, const void *r, const void *w, const void *k, const void *v,
                                      const void *z, const void *b, const void *dy, const float *sa,
-                                     const float *states, float *ds, float *hstates, void *dr, void *dw, void *dk,
-                                     void *dv, void *dz, void *db, void *stream) {
+                                     const float *states, float *ds, float *hstates, float *bnd, void *dr, void *dw,
+                                     void *dk, void *dv, void *dz, void *db, void *stream) {
+#ifdef WKV7_CHUNKED_SUPPORTED
     if (T % CHUNK) return (int)cudaErrorInvalidValue;
     cudaStream_t st = (cudaStream_t)stream;
-    bwd_rows_kernel<<<dim3(N / ROWS, H, B), NT_ROW, 0, st>>>(T, H, (const bf16 *)r, (const bf16 *)w, (const bf16 *)k,
-                                                              (const bf16 *)z, (const bf16 *)b, (const bf16 *)dy,
-                                                              (bf16 *)dv, ds, hstates);
-    cudaError_t err = cudaGetLastError();
+    const int smem_rows = (int)sizeof(RowSmemBwd);
+    cudaError_t err = set_smem(bwd_rows_kernel, smem_rows);
+    if (err != cudaSuccess) return (int)err;
+    bwd_rows_kernel<<<dim3(H, B), NT_ROW, smem_rows, st>>>(row_args(T, H, r, w, k, z, b, dy), states, (bf16 *)dv, ds,
+                                                            hstates, bnd);
+    err = cudaGetLastError();
     if (err != cudaSuccess) return (int)err;
     const int smem = ChunkLayout::total * (int)sizeof(float);
-    err = cudaFuncSetAttribute(bwd_chunk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    err = set_smem(bwd_chunk_kernel, smem);
     if (err != cudaSuccess) return (int)err;
     bwd_chunk_kernel<<<dim3(T / CHUNK, H, B), NT_CH, smem, st>>>(
-        T, H, (const bf16 *)r, (const bf16 *)w, (const bf16 *)k, (const bf16 *)v, (const bf16 *)z, (const bf16 *)b,
-        (const bf16 *)dy, sa, ds, states, hstates, (bf16 *)dr, (bf16 *)dw, (bf16 *)dk, (bf16 *)dz, (bf16 *)db);
+        row_args(T, H, r, w, k, z, b, nullptr), (const bf16 *)v, (const bf16 *)dy, sa, ds, states, hstates, bnd,
+        (bf16 *)dr, (bf16 *)dw, (bf16 *)dk, (bf16 *)dz, (bf16 *)db);
     return (int)cudaGetLastError();
+#else
+    return (int)cudaErrorNotSupported;
+#endif
 }

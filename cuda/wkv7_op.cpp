@@ -35,11 +35,15 @@ void check_shape(const at::Tensor &r) {
     TORCH_CHECK(r.size(1) % kChunk == 0, "wkv7: T = ", r.size(1), " must be a multiple of ", kChunk);
 }
 
-void check_err(int err, const char *what) {
-    TORCH_CHECK(err == 0, "wkv7: ", what, " failed: ", wkv7_error_string(err));
+// The launch status as a 1-element int64 CPU tensor (0 = success): the caller raises on it, so that
+// no C++ exception has to cross into Python for a failed launch.
+at::Tensor status(int err) {
+    at::Tensor t = at::empty({1}, at::TensorOptions().dtype(at::kLong));
+    t.data_ptr<int64_t>()[0] = err;
+    return t;
 }
 
-// Returns {y, sa, states}: y bf16 [B,T,H,N]; sa = S_{t-1} z_t fp32 [B,T,H,N]; states = S at the end of
+// Returns {y, sa, states, status}: y bf16 [B,T,H,N]; sa = S_{t-1} z_t fp32 [B,T,H,N]; states = S at the end of
 // each chunk, fp32 [B,H,T/16,N,N].
 std::vector<at::Tensor> forward(bool chunked, at::Tensor r, at::Tensor w, at::Tensor k, at::Tensor v,
                                 at::Tensor z, at::Tensor b, int64_t stream_ptr) {
@@ -53,16 +57,15 @@ std::vector<at::Tensor> forward(bool chunked, at::Tensor r, at::Tensor w, at::Te
     at::Tensor y = at::empty_like(r);
     at::Tensor sa = at::empty(r.sizes(), f32);
     at::Tensor states = at::empty({B, H, T / kChunk, kN, kN}, f32);
-    if (r.numel() == 0) return {y, sa, states};
+    if (r.numel() == 0) return {y, sa, states, status(0)};
     void *stream = reinterpret_cast<void *>(stream_ptr);
     auto fn = chunked ? wkv7_chunked_forward : wkv7_seq_forward;
-    check_err(fn(B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(), z.data_ptr(), b.data_ptr(),
-                 y.data_ptr(), sa.data_ptr<float>(), states.data_ptr<float>(), stream),
-              "forward");
-    return {y, sa, states};
+    const int err = fn(B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(), z.data_ptr(), b.data_ptr(),
+                       y.data_ptr(), sa.data_ptr<float>(), states.data_ptr<float>(), stream);
+    return {y, sa, states, status(err)};
 }
 
-// Returns {dr, dw, dk, dv, dz, db} (bf16) from the forward's inputs, saved buffers and dy.
+// Returns {dr, dw, dk, dv, dz, db, status} (bf16 gradients) from the forward's inputs, saved buffers and dy.
 std::vector<at::Tensor> backward(bool chunked, at::Tensor r, at::Tensor w, at::Tensor k, at::Tensor v, at::Tensor z,
                                  at::Tensor b, at::Tensor dy, at::Tensor sa, at::Tensor states,
                                  int64_t stream_ptr) {
@@ -78,15 +81,20 @@ std::vector<at::Tensor> backward(bool chunked, at::Tensor r, at::Tensor w, at::T
     const c10::DeviceGuard guard(r.device());
     std::vector<at::Tensor> g;
     for (int n = 0; n < 6; ++n) g.push_back(at::empty_like(r));
-    if (r.numel() == 0) return g;
+    if (r.numel() == 0) {
+        g.push_back(status(0));
+        return g;
+    }
     void *stream = reinterpret_cast<void *>(stream_ptr);
     int err;
     if (chunked) {
         at::Tensor ds = at::empty_like(sa);
         at::Tensor hstates = at::empty_like(states);
+        at::Tensor bnd = at::empty({B, H, T / kChunk, kN}, sa.options());
         err = wkv7_chunked_backward(B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(), z.data_ptr(),
                                     b.data_ptr(), dy.data_ptr(), sa.data_ptr<float>(), states.data_ptr<float>(),
-                                    ds.data_ptr<float>(), hstates.data_ptr<float>(), g[0].data_ptr(),
+                                    ds.data_ptr<float>(), hstates.data_ptr<float>(), bnd.data_ptr<float>(),
+                                    g[0].data_ptr(),
                                     g[1].data_ptr(), g[2].data_ptr(), g[3].data_ptr(), g[4].data_ptr(),
                                     g[5].data_ptr(), stream);
     } else {
@@ -95,18 +103,19 @@ std::vector<at::Tensor> backward(bool chunked, at::Tensor r, at::Tensor w, at::T
                                 g[0].data_ptr(), g[1].data_ptr(), g[2].data_ptr(), g[3].data_ptr(), g[4].data_ptr(),
                                 g[5].data_ptr(), stream);
     }
-    check_err(err, "backward");
+    g.push_back(status(err));
     return g;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(WKV7_NS, m) {
-    // forward(chunked, r, w, k, v, z, b, stream) -> [y, sa, states]
+    // forward(chunked, r, w, k, v, z, b, stream) -> [y, sa, states, status]
     m.def("forward(bool chunked, Tensor r, Tensor w, Tensor k, Tensor v, Tensor z, Tensor b, int stream) -> Tensor[]",
           &forward);
-    // backward(chunked, r, w, k, v, z, b, dy, sa, states, stream) -> [dr, dw, dk, dv, dz, db]
+    // backward(chunked, r, w, k, v, z, b, dy, sa, states, stream) -> [dr, dw, dk, dv, dz, db, status]
     m.def("backward(bool chunked, Tensor r, Tensor w, Tensor k, Tensor v, Tensor z, Tensor b, Tensor dy, "
           "Tensor sa, Tensor states, int stream) -> Tensor[]",
           &backward);
+    m.def("error_string(int err) -> str", [](int64_t err) { return std::string(wkv7_error_string((int)err)); });
 }

@@ -21,6 +21,7 @@ import torch
 
 CHUNK_LEN = 16  # the CUDA kernel works on T in multiples of this; callers pad at the end
 KERNELS = ("chunked", "sequential")
+CHUNKED_HEAD_SIZES = (32, 64)  # the chunked kernels' layouts; other head sizes run the sequential one
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CUDA_DIR = os.path.join(_ROOT, "cuda")
@@ -124,14 +125,32 @@ def _load_ops(head_size):
     return _ops[head_size]
 
 
+def _check_kernel_inputs(*xs):
+    r = xs[0]
+    if r.dim() != 4 or r.shape[1] % CHUNK_LEN:
+        raise ValueError(f"wkv7: inputs must be [B,T,H,N] with T a multiple of {CHUNK_LEN}, got {tuple(r.shape)}")
+    for x in xs:
+        if not (x.is_cuda and x.dtype == torch.bfloat16 and x.is_contiguous() and x.shape == r.shape
+                and x.device == r.device):
+            raise ValueError("wkv7: kernel inputs must be contiguous bf16 CUDA tensors of one shape and device")
+
+
+def _raise_on(ops, status, what):
+    err = int(status[0])
+    if err:
+        raise RuntimeError(f"wkv7: CUDA {what} launch failed: {ops.error_string(err)}")
+
+
 class WKV7Function(torch.autograd.Function):
     """y = WKV7(r, w, k, v, z, b) on CUDA; bf16 contiguous [B,T,H,N] with T % CHUNK_LEN == 0."""
 
     @staticmethod
     def forward(ctx, r, w, k, v, z, b, kernel="chunked"):
+        _check_kernel_inputs(r, w, k, v, z, b)
         ops = _load_ops(r.shape[-1])
         chunked = kernel == "chunked"
-        y, sa, states = ops.forward(chunked, r, w, k, v, z, b, torch.cuda.current_stream(r.device).cuda_stream)
+        y, sa, states, status = ops.forward(chunked, r, w, k, v, z, b, torch.cuda.current_stream(r.device).cuda_stream)
+        _raise_on(ops, status, "forward")
         ctx.chunked = chunked
         ctx.save_for_backward(r, w, k, v, z, b, sa, states)
         return y
@@ -140,8 +159,9 @@ class WKV7Function(torch.autograd.Function):
     def backward(ctx, dy):
         r, w, k, v, z, b, sa, states = ctx.saved_tensors
         ops = _load_ops(r.shape[-1])
-        grads = ops.backward(ctx.chunked, r, w, k, v, z, b, dy.to(torch.bfloat16).contiguous(), sa, states,
-                             torch.cuda.current_stream(r.device).cuda_stream)
+        *grads, status = ops.backward(ctx.chunked, r, w, k, v, z, b, dy.to(torch.bfloat16).contiguous(), sa, states,
+                                      torch.cuda.current_stream(r.device).cuda_stream)
+        _raise_on(ops, status, "backward")
         return (*grads, None)
 
 
@@ -151,6 +171,8 @@ def wkv7_cuda(r, w, k, v, z, b, kernel="chunked"):
     causal outputs); y comes back in r's dtype with r's T."""
     if kernel not in KERNELS:
         raise ValueError(f"wkv7: unknown kernel {kernel!r}, expected one of {KERNELS}")
+    if r.shape[-1] not in CHUNKED_HEAD_SIZES:
+        kernel = "sequential"
     T = r.shape[1]
     pad = -T % CHUNK_LEN
     xs = []

@@ -52,8 +52,10 @@ def make_inputs(B, T, H, N, decay="model", seed=0, device="cuda"):
 
 
 def rel_err(a, b):
+    """||a - b|| / ||b|| (the absolute norm where b is exactly zero)."""
     a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
+    den = b.norm().item()
+    return (a - b).norm().item() / (den if den > 0 else 1.0)
 
 
 def oracle(xs, dy):
@@ -108,8 +110,16 @@ def main():
     ap.add_argument("--shapes", nargs="*", default=None, help="B,T,H,N (default: the two recipe shapes)")
     ap.add_argument("--decays", nargs="*", default=DECAYS)
     ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
+    ap.add_argument("--once", action="store_true", help="just one forward+backward per kernel (for ncu)")
     args = ap.parse_args()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
+    if args.once:
+        for shape in shapes:
+            xs, dy = make_inputs(*shape)
+            for kernel in KERNELS:
+                kernel_outputs(xs, dy, kernel)
+        torch.cuda.synchronize()
+        return
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}; torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
     _load_ops(shapes[0][3])
