@@ -32,6 +32,7 @@ class TimeMix(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.n_head, self.head_size = cfg.n_head, cfg.head_size
+        self.kernel = "chunked" if cfg.fused else "sequential"   # the plain path runs the reference's design
         C, H, N, L = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.n_layer
         D_w, D_a, D_v, D_g = cfg.lora_dims
 
@@ -96,7 +97,7 @@ class TimeMix(nn.Module):
 
         heads = [t.view(B, T, H, N) for t in (r, w, k, v)]
         if state is None:
-            y, new_state = wkv7(*heads, -kk, kk * a.view(B, T, H, N)), None
+            y, new_state = wkv7(*heads, -kk, kk * a.view(B, T, H, N), kernel=self.kernel), None
         else:   # decoding: carry the fp32 state across calls
             y, wkv_state = wkv7_torch(*heads, -kk, kk * a.view(B, T, H, N), state[1])
             y, new_state = y.to(x.dtype), (x[:, -1], wkv_state)

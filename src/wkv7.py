@@ -5,10 +5,10 @@ Per batch and head, with an N x N state S (row = value channel, column = key cha
 All tensors are [B, T, H, N]. The PyTorch loop below is both the CPU implementation and the oracle
 that every faster implementation is tested against (run it in float64 for that).
 
-On CUDA, `wkv7` runs the kernels of cuda/ (bf16 in and out, fp32 state): `wkv7_chunked.cu` by
-default, or the sequential baseline `wkv7_sequential.cu` (env RWKV_WKV7_KERNEL=sequential). They
+On CUDA, `wkv7` runs the kernels of cuda/ (bf16 in and out, fp32 state): `wkv7_chunked.cu` (the
+fused path) or the sequential baseline `wkv7_sequential.cu` (the reference recipe's design). They
 are built with torch.utils.cpp_extension on first use, once per head size, flags and sources, into
-~/.cache/rwkv7_kernels (env RWKV7_KERNEL_CACHE), with a stale build lock removed (see _load_ops).
+~/.cache/rwkv7_kernels, with a stale build lock removed (see _load_ops).
 The chunked kernels assume w <= -0.5 as the model produces (d >= 0.3 keeps 1/prod(d) over 16
 steps in range).
 """
@@ -45,13 +45,15 @@ def wkv7_torch(r, w, k, v, z, b, state=None):
     return torch.stack(ys, dim=1), S
 
 
-def wkv7(r, w, k, v, z, b):
+@torch.compiler.disable   # an opaque kernel call: compiled callers break their graph here
+def wkv7(r, w, k, v, z, b, kernel="chunked"):
     """WKV7 over a whole sequence from a zero state; [B,T,H,N] in, y [B,T,H,N] out in r's dtype.
 
-    CUDA tensors go through the CUDA kernel (computed in bf16 in/out with an fp32 state, any T:
-    padded to a multiple of CHUNK_LEN internally); CPU tensors through the PyTorch loop."""
-    if r.is_cuda and os.environ.get("RWKV_WKV7_KERNEL", "chunked") != "torch":
-        return wkv7_cuda(r, w, k, v, z, b, kernel=os.environ.get("RWKV_WKV7_KERNEL", "chunked"))
+    CUDA tensors go through the CUDA kernel `kernel` ('chunked' or 'sequential'; computed in bf16
+    in/out with an fp32 state, any T: padded to a multiple of CHUNK_LEN internally); CPU tensors
+    through the PyTorch loop."""
+    if r.is_cuda:
+        return wkv7_cuda(r, w, k, v, z, b, kernel=kernel)
     y, _ = wkv7_torch(r, w, k, v, z, b)
     return y.to(r.dtype)
 
@@ -108,7 +110,7 @@ def _load_ops(head_size):
     flags = build_flags(head_size)
     key = _build_key(head_size, flags)
     name = f"wkv7_n{head_size}_{key}"
-    root = os.environ.get("RWKV7_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rwkv7_kernels"))
+    root = os.path.join(os.path.expanduser("~"), ".cache", "rwkv7_kernels")
     build_dir = os.path.join(root, name)
     fd = _acquire_build_dir(build_dir)
     try:

@@ -6,8 +6,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the corpus shards: carried into the repo's data/corpus on the GPU machine, else the shared folder
-SHARDS = next(p for p in (os.path.join(ROOT, "data", "corpus"), os.path.join(ROOT, "..", "shared", "data", "corpus"))
-              if os.path.isdir(p))
+CARRIED = os.path.join(ROOT, "data", "corpus")
+SHARDS = CARRIED if os.path.isdir(CARRIED) else os.path.join(ROOT, "..", "shared", "data", "corpus")
 
 
 def run(*args, timeout=1200):
