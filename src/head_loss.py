@@ -32,7 +32,8 @@ def head_loss_reference(x, head_weight, targets):
     The softmax runs in fp32 as in the chunked form (on bf16 logits, F.cross_entropy would round the loss
     itself to bf16: steps of 1/32 at a loss of 4 to 8)."""
     logits = F.linear(x, head_weight)
-    loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)).to(torch.promote_types(logits.dtype, torch.float32)),
+                           targets.reshape(-1))
     return L2Wrap.apply(loss, logits)
 
 
