@@ -78,3 +78,14 @@ def test_plot_writes_png_with_reference_and_one_curve_per_log(logs, tmp_path, ca
     assert "runA: 4 points, mini-epoch 3, loss 3.7000" in capsys.readouterr().out
     assert plot.log_label(str(tmp_path / "other" / "runA" / "train_log.txt"), {"runA"}) == "other/runA"
     assert png_size(out) == (900, 550)
+
+
+def test_streamed_run_counts_its_own_mini_epoch(tmp_path):
+    """A jsonl run's mini-epoch is epoch_steps x micro_bsz x devices x num_nodes samples, not 40320."""
+    path = tmp_path / "train_log.txt"
+    path.write_text("NEW RUN 2025-03-01-10-00-00\n"
+                    "{'data_type': 'jsonl', 'ctx_len': 128, 'epoch_steps': 50, 'micro_bsz': 8, 'devices': 2, "
+                    "'num_nodes': 1}\n"
+                    "0 6.100000 445.8578 0.00100000 2025-03-01 10:30:00.1 0\n"
+                    "1 5.200000 181.2722 0.00090000 2025-03-01 10:40:00.1 1\n")
+    assert plot.parse_log(str(path))["tokens"] == [50 * 8 * 2 * 128, 2 * 50 * 8 * 2 * 128]

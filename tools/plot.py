@@ -2,8 +2,9 @@
 
     python tools/plot.py out/L12-D768-x070/train_log.txt [more/train_log.txt ...] --out curve.png
 
-Mini-epoch e of a run covers tokens up to (e + 1) * 40320 * ctx_len, ctx_len read from the
-run-arguments line written after each "NEW RUN" line. When a log holds several runs (resumes), a
+Mini-epoch e of a run covers tokens up to (e + 1) * samples * ctx_len, read from the run-arguments
+line written after each "NEW RUN" line: samples = epoch_steps x micro_bsz x devices x num_nodes
+(40320 for binidx runs, whatever --epoch_steps made it for streamed ones; 40320 if not given). When a log holds several runs (resumes), a
 later line for the same mini-epoch replaces the earlier one. Each log is labelled by its folder.
 """
 import argparse
@@ -31,32 +32,45 @@ class LogError(ValueError):
     pass
 
 
-def tokens_seen(mini_epoch, ctx_len):
-    return (mini_epoch + 1) * MINI_EPOCH_SAMPLES * ctx_len
+def tokens_seen(mini_epoch, ctx_len, samples=MINI_EPOCH_SAMPLES):
+    return (mini_epoch + 1) * samples * ctx_len
+
+
+def run_arg(line, key):
+    """An integer of a run-arguments line (a dict repr), or None if it has none."""
+    try:
+        args = ast.literal_eval(line)
+        return int(args[key]) if isinstance(args, dict) and key in args else None
+    except (ValueError, SyntaxError, TypeError):   # a value that is not a literal: find the key itself
+        found = re.search(rf"['\"]{key}['\"]\s*:\s*(\d+)", line)
+        return int(found.group(1)) if found else None
 
 
 def run_ctx_len(line):
-    """ctx_len of a run-arguments line (a dict repr), or None if it has none."""
-    try:
-        args = ast.literal_eval(line)
-        return int(args["ctx_len"]) if isinstance(args, dict) and "ctx_len" in args else None
-    except (ValueError, SyntaxError, TypeError):   # a value that is not a literal: find the key itself
-        found = re.search(r"['\"]ctx_len['\"]\s*:\s*(\d+)", line)
-        return int(found.group(1)) if found else None
+    """ctx_len of a run-arguments line, or None if it has none."""
+    return run_arg(line, "ctx_len")
+
+
+def run_epoch_samples(line):
+    """Samples per mini-epoch of a run-arguments line: epoch_steps x real batch, else the binidx 40320."""
+    steps, micro_bsz = run_arg(line, "epoch_steps"), run_arg(line, "micro_bsz")
+    if steps is None or micro_bsz is None:
+        return MINI_EPOCH_SAMPLES
+    return steps * micro_bsz * (run_arg(line, "devices") or 1) * (run_arg(line, "num_nodes") or 1)
 
 
 def parse_log(path, ctx_len=None):
     """{"mini_epoch": [...], "tokens": [...], "loss": [...]} of a train_log.txt, sorted by mini-epoch.
     ctx_len: used for lines of a run whose arguments line gives none."""
-    points, run_ctx, after_new_run = {}, None, False
+    points, run_ctx, run_samples, after_new_run = {}, None, MINI_EPOCH_SAMPLES, False
     with open(path, errors="replace") as f:
         for line_no, line in enumerate(f, 1):
             line = line.strip()
             if line.startswith("NEW RUN"):
-                run_ctx, after_new_run = None, True
+                run_ctx, run_samples, after_new_run = None, MINI_EPOCH_SAMPLES, True
                 continue
             if after_new_run and line.startswith("{"):
-                run_ctx = run_ctx_len(line)
+                run_ctx, run_samples = run_ctx_len(line), run_epoch_samples(line)
             after_new_run = False
             fields = line.split()
             # <mini-epoch> <loss> <exp(loss)> <lr> <date> <time> <epoch in run>; a shorter line is cut off
@@ -70,7 +84,7 @@ def parse_log(path, ctx_len=None):
                 raise LogError(f"{path}:{line_no}: no ctx_len for this mini-epoch (no run-arguments line with "
                                f"'ctx_len' after the NEW RUN line before it); pass --ctx_len")
             epoch = int(fields[0])
-            points[epoch] = (tokens_seen(epoch, run_ctx or ctx_len), loss)
+            points[epoch] = (tokens_seen(epoch, run_ctx or ctx_len, run_samples), loss)
     epochs = sorted(points)
     return {"mini_epoch": epochs, "tokens": [points[e][0] for e in epochs], "loss": [points[e][1] for e in epochs]}
 
