@@ -198,16 +198,6 @@ class RWKV(pl.LightningModule):
             return deepspeed.checkpointing.checkpoint(run, x, v_first)
         return torch.utils.checkpoint.checkpoint(run, x, v_first, use_reentrant=False)
 
-    def on_fit_start(self):
-        # fused path on GPU: torch.compile fuses each block's chains of elementwise ops (token-shift mixes,
-        # LoRA gates, kk normalization, GroupNorm + bonus + gate, relu^2); blocks of one shape share a graph.
-        # Not under ZeRO-3, whose parameter gathering hooks do not mix with compiled modules.
-        if self.cfg.fused and self.device.type == "cuda" and not getattr(self.trainer.strategy, "zero_stage_3", False):
-            import torch._dynamo
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            for block in self.blocks:
-                block.compile()
-
     def on_train_batch_start(self, batch, batch_idx):
         # the LR schedule ends the run before a step once its progress reaches 1 (RECIPE.md section 6)
         return -1 if self.trainer.should_stop else None
@@ -221,7 +211,6 @@ class RWKV(pl.LightningModule):
     @torch.no_grad()
     def init_weights(self):
         """The matrix init of RECIPE.md section 3, applied over the modules' own init (train_stage 1)."""
-        C, V = self.cfg.n_embd, self.cfg.vocab_size
         nn.init.uniform_(self.emb.weight, a=-1e-4, b=1e-4)
         ortho_(self.head.weight, 0.5)   # gain 0.5 * sqrt(V/C) when V > C
         for block in self.blocks:

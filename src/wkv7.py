@@ -45,7 +45,6 @@ def wkv7_torch(r, w, k, v, z, b, state=None):
     return torch.stack(ys, dim=1), S
 
 
-@torch.compiler.disable   # an opaque kernel call: compiled callers break their graph here
 def wkv7(r, w, k, v, z, b, kernel="chunked"):
     """WKV7 over a whole sequence from a zero state; [B,T,H,N] in, y [B,T,H,N] out in r's dtype.
 

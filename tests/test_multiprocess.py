@@ -1,6 +1,5 @@
 """Several processes on one host (DDP over gloo on CPU): the same path DeepSpeed takes on several GPUs."""
 import json
-import os
 import subprocess
 import sys
 
