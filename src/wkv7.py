@@ -38,10 +38,13 @@ def wkv7_torch(r, w, k, v, z, b, state=None):
     decay = torch.exp(-torch.exp(w))
     S = torch.zeros(B, H, N, N, dtype=dtype, device=r.device) if state is None else state.to(dtype)
     ys = []
-    for t in range(T):
-        s = S @ z[:, t, :, :, None]                                   # [B,H,N,1], the old state
-        S = S * decay[:, t, :, None, :] + s @ b[:, t, :, None, :] + v[:, t, :, :, None] @ k[:, t, :, None, :]
-        ys.append((S @ r[:, t, :, :, None]).squeeze(-1))
+    # unbind: per-step views whose backward stacks once, instead of a full-size zero tensor per step
+    for r_t, d_t, k_t, v_t, z_t, b_t in zip(*(x.unbind(1) for x in (r, decay, k, v, z, b))):
+        s = S @ z_t.unsqueeze(-1)                                     # [B,H,N,1], the old state
+        # S * d + s b^T + v k^T, the two outer products as one rank-2 batched product
+        S = torch.baddbmm((S * d_t.unsqueeze(-2)).flatten(0, 1), torch.cat((s, v_t.unsqueeze(-1)), -1).flatten(0, 1),
+                          torch.stack((b_t, k_t), -2).flatten(0, 1)).view(B, H, N, N)
+        ys.append((S @ r_t.unsqueeze(-1)).squeeze(-1))
     return torch.stack(ys, dim=1), S
 
 
