@@ -29,13 +29,13 @@ def resolve_precision(cfg: TrainConfig):
             "bf16": ("bf16", True)}[cfg.precision]
 
 
-def build_dataset(cfg: TrainConfig, world_size: int):
+def build_dataset(cfg: TrainConfig):
     """Check the data and build the dataset; fixes epoch_steps / epoch_count for binidx (RECIPE.md section 7)."""
     from src.checkpoint import STREAM_STATE_DIR
     from src.dataset import BinidxDataset, JsonlStreamDataset, MINI_EPOCH_SAMPLES
     if cfg.data_type == "binidx":
         cfg.epoch_steps = MINI_EPOCH_SAMPLES // cfg.real_bsz
-        dataset = BinidxDataset(cfg.data_file, cfg.ctx_len, cfg.magic_prime, cfg.micro_bsz, world_size,
+        dataset = BinidxDataset(cfg.data_file, cfg.ctx_len, cfg.magic_prime, cfg.micro_bsz, cfg.world_size,
                                 cfg.vocab_size, cfg.epoch_steps)
         cfg.epoch_count = cfg.magic_prime // MINI_EPOCH_SAMPLES
         return dataset
@@ -110,7 +110,7 @@ def prepare(cfg: TrainConfig):
     from src.model import RWKV
     cfg.validate()
     os.makedirs(cfg.proj_dir, exist_ok=True)
-    dataset = build_dataset(cfg, world_size=cfg.num_nodes * cfg.devices)
+    dataset = build_dataset(cfg)
     val_tokens = None
     if cfg.val_data:
         from src.evaluate import load_token_stream

@@ -117,8 +117,12 @@ class TrainConfig:
     val_tokens: int = 1_000_000   # how many of its tokens to score
 
     @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.devices
+
+    @property
     def real_bsz(self) -> int:
-        return self.num_nodes * self.devices * self.micro_bsz
+        return self.world_size * self.micro_bsz
 
     @property
     def uses_deepspeed(self) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pytorch_lightning as pl
 import torch
 
-from src.checkpoint import save_atomic
+from src.checkpoint import numbered_checkpoints, save_atomic
 from src.config import TrainConfig
 
 
@@ -95,11 +95,12 @@ class TrainCallback(pl.Callback):
         loss = outputs["loss"].detach()
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            newest = [n for n in sorted(os.listdir(self.cfg.proj_dir)) if n.startswith("rwkv-") and n.endswith(".pth")]
+            saved = numbered_checkpoints(self.cfg.proj_dir)
             raise TrainingDiverged(
                 f"loss became {loss_value} at step {trainer.global_step - 1} (mini-epoch "
                 f"{self.cfg.epoch_begin + trainer.current_epoch}); no checkpoint was written from these weights. "
-                f"Checkpoints in {self.cfg.proj_dir}: {newest or 'none'}. Lower --lr_init or check the data, then resume.")
+                f"The last good checkpoint is {saved[0][1] if saved else 'none'}. "
+                f"Lower --lr_init or check the data, then resume.")
         self.loss_sum += loss
         self.loss_count += 1
         now = time.time()

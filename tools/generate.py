@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from src.checkpoint import CHECKPOINT_NAME, load_state_dict, model_shape  # noqa: E402
+from src.checkpoint import load_state_dict, model_shape, numbered_checkpoints  # noqa: E402
 from src.config import ModelConfig  # noqa: E402
 from src.model import RWKV  # noqa: E402
 from src.tokenizer import RWKVTokenizer  # noqa: E402
@@ -22,13 +22,13 @@ DEFAULT_PROJ_DIR = "out/L18-D1024-x070"   # the 0.36B Pile recipe
 
 def newest_checkpoint(proj_dir):
     """rwkv-final.pth if the run finished, else its highest rwkv-<n>.pth, else rwkv-init.pth."""
-    names = [n for n in os.listdir(proj_dir) if CHECKPOINT_NAME.match(n)] if os.path.isdir(proj_dir) else []
-    if not names:
+    final = os.path.join(proj_dir, "rwkv-final.pth")
+    if os.path.exists(final):
+        return final
+    saved = numbered_checkpoints(proj_dir)
+    if not saved:
         raise SystemExit(f"error: no rwkv-*.pth in {proj_dir}; pass --model PATH.pth")
-    def rank(name):
-        tag = CHECKPOINT_NAME.match(name).group(1)
-        return {"final": float("inf"), "init": -1}[tag] if tag in ("final", "init") else int(tag)
-    return os.path.join(proj_dir, max(names, key=rank))
+    return saved[0][1]
 
 
 def load_model(path, device):
