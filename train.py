@@ -92,6 +92,9 @@ def build_trainer(cfg: TrainConfig, callbacks, max_steps=-1):
     strategy = cfg.strategy
     if cfg.uses_deepspeed:
         from pytorch_lightning.strategies import DeepSpeedStrategy
+
+        from src import zero_grad_norm
+        zero_grad_norm.install()
         bucket = cfg.ds_bucket_mb * 1000 * 1000
         strategy = DeepSpeedStrategy(stage=3 if "stage_3" in cfg.strategy else 2,
                                      offload_optimizer="offload" in cfg.strategy,

@@ -7,6 +7,8 @@ the same loss and gradients a chunk of tokens at a time, inside its forward pass
 import torch
 import torch.nn.functional as F
 
+from src.chain import Chain
+
 L2WRAP_FACTOR = 1e-4
 
 
@@ -37,6 +39,22 @@ def head_loss_reference(x, head_weight, targets):
     return L2Wrap.apply(loss, logits)
 
 
+@Chain
+def cross_entropy_grad(logits, targets, n):
+    """For one chunk of logits [n_c, V] (softmax in fp32 at least): the summed cross-entropy, and its gradient
+    for the mean over all n tokens with L2Wrap's extra gradient (1e-4 x the max logit at the argmax) added,
+    in the logits' dtype."""
+    out_dtype = logits.dtype
+    logits = logits.to(torch.promote_types(out_dtype, torch.float32))
+    log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
+    targets = targets[:, None]
+    max_logit, argmax = logits.max(dim=-1, keepdim=True)
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    grad = torch.exp(logits - log_z) - (vocab == targets).to(logits.dtype) \
+        + (vocab == argmax).to(logits.dtype) * (max_logit * L2WRAP_FACTOR)
+    return (log_z - logits.gather(-1, targets)).sum(), (grad / n).to(out_dtype)
+
+
 class ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, head_weight, targets, chunk_tokens):
@@ -44,20 +62,13 @@ class ChunkedHeadLoss(torch.autograd.Function):
         n = B * T
         x2, targets = x.reshape(n, C), targets.reshape(n)
         grad_x = torch.empty_like(x2)
-        acc = torch.promote_types(x.dtype, torch.float32)   # softmax and sums in fp32 at least
+        acc = torch.promote_types(x.dtype, torch.float32)
         grad_w = torch.zeros(head_weight.shape, dtype=acc, device=x.device)
         loss_sum = torch.zeros((), dtype=acc, device=x.device)
         for start in range(0, n, chunk_tokens):
-            xc, tc = x2[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-            rows = torch.arange(len(tc), device=x.device)
-            logits = (xc @ head_weight.T).to(acc)
-            log_z = torch.logsumexp(logits, dim=-1)
-            loss_sum += (log_z - logits[rows, tc]).sum()
-            max_logit, argmax = logits.max(dim=-1)
-            grad = torch.exp(logits - log_z[:, None])           # d(mean CE)/d logits, before / n
-            grad[rows, tc] -= 1
-            grad[rows, argmax] += max_logit * L2WRAP_FACTOR      # L2Wrap's extra gradient, before / n
-            grad = (grad / n).to(x.dtype)
+            xc = x2[start:start + chunk_tokens]
+            chunk_loss, grad = cross_entropy_grad(xc @ head_weight.T, targets[start:start + chunk_tokens], n, fused=True)
+            loss_sum += chunk_loss
             grad_x[start:start + chunk_tokens] = grad @ head_weight
             grad_w += grad.T @ xc
         ctx.save_for_backward(grad_x.view(B, T, C), grad_w.to(head_weight.dtype))

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from src.chain import Chain
 from src.config import ModelConfig, OptimConfig
 from src.head_loss import head_loss_chunked, head_loss_reference
 from src.wkv7 import wkv7, wkv7_torch
@@ -18,6 +19,49 @@ def token_shift(x, x_prev=None):
     if x_prev is None:
         return F.pad(x, (0, 0, 1, -1)) - x
     return torch.cat((x_prev.unsqueeze(1), x[:, :-1]), dim=1) - x
+
+
+@Chain
+def time_mix_inputs(x, x_prev, x_r, x_w, x_k, x_v, x_a, x_g):
+    """The token shift and six learned mixes x + (shift(x) - x) * mu, the inputs of r, w, k, v, a and g."""
+    xx = token_shift(x, x_prev)
+    return tuple(x + xx * mu for mu in (x_r, x_w, x_k, x_v, x_a, x_g))
+
+
+@Chain
+def wkv7_inputs(k, v, v_first, w_lora, a_lora, v_lora, w0, a0, v0, k_k, k_a, head_size):
+    """The kernel's inputs besides r, as [B,T,H,N]: the decay w, the key with the in-context learning rate a
+    mixed in, the value (with the value residual from layer 0's v unless v_lora is None), and z = -kk,
+    b = kk * a for the normalized key kk."""
+    B, T, C = k.shape
+    w = -F.softplus(-(w0 + w_lora)) - 0.5                     # soft clamp to (-inf, -0.5)
+    if v_lora is not None:
+        v = v + (v_first - v) * torch.sigmoid(v0 + v_lora)    # value residual
+    a = torch.sigmoid(a0 + a_lora)                            # in-context learning rate
+    kk = F.normalize((k * k_k).view(B, T, -1, head_size), dim=-1, p=2.0, eps=1e-12)
+    k = k * (1 + (a - 1) * k_a)
+    w, k, v, a = (t.view(B, T, -1, head_size) for t in (w, k, v, a))
+    return w, k, v, -kk, kk * a
+
+
+@Chain
+def wkv7_output(y, r, k, v, g, r_k, ln_weight, ln_bias, eps):
+    """GroupNorm per head of the WKV output, plus the r_k bonus (r . k per head, weighted by r_k, times v),
+    times the gate g; [B,T,C]."""
+    B, T, H, N = r.shape
+    y = F.group_norm(y.reshape(B * T, H * N), H, ln_weight, ln_bias, eps).view(B, T, H, N)
+    y = y + (r * k * r_k).sum(dim=-1, keepdim=True) * v
+    return y.view(B, T, H * N) * g
+
+
+@Chain
+def channel_mix_input(x, x_prev, x_k):
+    return x + token_shift(x, x_prev) * x_k
+
+
+@Chain
+def relu_square(k):
+    return torch.relu(k) ** 2
 
 
 def ortho_(matrix, scale):
@@ -32,6 +76,7 @@ class TimeMix(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.n_head, self.head_size = cfg.n_head, cfg.head_size
+        self.fused = cfg.fused
         self.kernel = "chunked" if cfg.fused else "sequential"   # the plain path runs the reference's design
         C, H, N, L = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.n_layer
         D_w, D_a, D_v, D_g = cfg.lora_dims
@@ -78,47 +123,43 @@ class TimeMix(nn.Module):
         """state: None when training from a zero state, else (last input token [B,C], WKV state [B,H,N,N])."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = token_shift(x, None if state is None else state[0])
-        xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
-
-        r = self.receptance(xr)
-        w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - 0.5   # soft clamp to (-inf, -0.5)
+        fused = self.fused and state is None
+        xr, xw, xk, xv, xa, xg = time_mix_inputs(x, None if state is None else state[0], self.x_r, self.x_w,
+                                                 self.x_k, self.x_v, self.x_a, self.x_g, fused=fused)
+        r = self.receptance(xr).view(B, T, H, N)
         k = self.key(xk)
         v = self.value(xv)
         if self.layer_id == 0:
-            v_first = v
+            v_first, v_lora = v, None
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)   # value residual
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)                          # in-context learning rate
+            v_lora = (xv @ self.v1) @ self.v2
+        w, k, v, z, b = wkv7_inputs(k, v, v_first, torch.tanh(xw @ self.w1) @ self.w2, (xa @ self.a1) @ self.a2,
+                                    v_lora, self.w0, self.a0, self.v0, self.k_k, self.k_a, N, fused=fused)
         g = torch.sigmoid(xg @ self.g1) @ self.g2
 
-        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
-        k = k * (1 + (a - 1) * self.k_a)
-
-        heads = [t.view(B, T, H, N) for t in (r, w, k, v)]
         if state is None:
-            y, new_state = wkv7(*heads, -kk, kk * a.view(B, T, H, N), kernel=self.kernel), None
+            y, new_state = wkv7(r, w, k, v, z, b, kernel=self.kernel), None
         else:   # decoding: carry the fp32 state across calls
-            y, wkv_state = wkv7_torch(*heads, -kk, kk * a.view(B, T, H, N), state[1])
+            y, wkv_state = wkv7_torch(r, w, k, v, z, b, state[1])
             y, new_state = y.to(x.dtype), (x[:, -1], wkv_state)
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
-        r, k, v = heads[0], heads[2], heads[3]
-        y = y + ((r * k * self.r_k).sum(dim=-1, keepdim=True) * v).view(B, T, C)
-        return self.output(y * g), v_first, new_state
+        y = wkv7_output(y, r, k, v, g, self.r_k, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps, fused=fused)
+        return self.output(y), v_first, new_state
 
 
 class ChannelMix(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         C = cfg.n_embd
+        self.fused = cfg.fused
         ddd = (torch.arange(C, dtype=torch.float32) / C).view(1, 1, C)
         self.x_k = nn.Parameter(1.0 - ddd ** ((1.0 - layer_id / cfg.n_layer) ** 4))
         self.key = nn.Linear(C, cfg.dim_ffn, bias=False)
         self.value = nn.Linear(cfg.dim_ffn, C, bias=False)
 
     def forward(self, x, x_prev=None):
-        k = self.key(x + token_shift(x, x_prev) * self.x_k)
-        return self.value(torch.relu(k) ** 2)
+        fused = self.fused and x_prev is None
+        k = self.key(channel_mix_input(x, x_prev, self.x_k, fused=fused))
+        return self.value(relu_square(k, fused=fused))
 
 
 class Block(nn.Module):

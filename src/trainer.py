@@ -41,6 +41,17 @@ def checkpoint_state_dict(trainer, pl_module):
     return {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
 
 
+def copy_to_host(values):
+    """Start copying a small CUDA tensor to pinned host memory; returns (host tensor, event to wait on)."""
+    if not values.is_cuda:
+        return values, None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 class TrainCallback(pl.Callback):
     """Sets lr and weight decay before every step, keeps the mini-epoch loss, writes train_log.txt, wandb and
     the checkpoints, and stops the run when the schedule's progress reaches 1."""
@@ -50,6 +61,7 @@ class TrainCallback(pl.Callback):
         self.finished = False
         self.log_file = None
         self.wandb = None
+        self.pending = []   # (losses on the host, their copy's CUDA event or None, steps done, mini-epoch)
 
     def on_train_start(self, trainer, pl_module):
         if trainer.is_global_zero:
@@ -84,6 +96,7 @@ class TrainCallback(pl.Callback):
 
     def finish(self, trainer, pl_module):
         """Progress reached 1: write rwkv-final.pth and stop before this step."""
+        self.report_losses(trainer, pl_module)
         state_dict = checkpoint_state_dict(trainer, pl_module)
         if trainer.is_global_zero:
             save_atomic(state_dict, os.path.join(self.cfg.proj_dir, "rwkv-final.pth"))
@@ -93,30 +106,43 @@ class TrainCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"].detach()
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            saved = numbered_checkpoints(self.cfg.proj_dir)
-            raise TrainingDiverged(
-                f"loss became {loss_value} at step {trainer.global_step - 1} (mini-epoch "
-                f"{self.cfg.epoch_begin + trainer.current_epoch}); no checkpoint was written from these weights. "
-                f"The last good checkpoint is {saved[0][1] if saved else 'none'}. "
-                f"Lower --lr_init or check the data, then resume.")
         self.loss_sum += loss
         self.loss_count += 1
-        now = time.time()
-        kt_s = self.cfg.real_bsz * self.cfg.ctx_len / max(now - self.step_time, 1e-9) / 1000
-        self.step_time = now
-        pl_module.log("lr", self.lr, prog_bar=True, on_step=True, logger=False)
-        pl_module.log("loss", (self.loss_sum / self.loss_count).float(), prog_bar=True, on_step=True, logger=False)
-        pl_module.log("Kt/s", kt_s, prog_bar=True, on_step=True, logger=False)
-        if self.wandb is not None:
-            real_step = trainer.global_step + self.cfg.epoch_begin * self.cfg.epoch_steps
-            self.wandb.log({"loss": loss_value, "lr": self.lr, "wd": self.cfg.weight_decay, "kt/s": kt_s,
-                            "Gtokens": real_step * self.cfg.real_bsz * self.cfg.ctx_len / 1e9}, step=real_step)
+        values = torch.stack((loss.float(), (self.loss_sum / self.loss_count).float()))
+        self.pending.append((*copy_to_host(values), trainer.global_step, self.cfg.epoch_begin + trainer.current_epoch))
+        # on CUDA the host reads each loss one step late, so it never waits for the step it has just queued
+        self.report_losses(trainer, pl_module, keep=1 if loss.is_cuda else 0, in_step=True)
+
+    def report_losses(self, trainer, pl_module, keep=0, in_step=False):
+        """Check the queued step losses but the last `keep`: stop on NaN; wandb, and the progress bar in_step
+        (Lightning takes self.log only inside a step's hooks)."""
+        while len(self.pending) > keep:
+            values, ready, steps_done, epoch = self.pending.pop(0)
+            if ready is not None:
+                ready.synchronize()
+            loss_value, mean_loss = values.tolist()
+            if not math.isfinite(loss_value):
+                saved = numbered_checkpoints(self.cfg.proj_dir)
+                raise TrainingDiverged(
+                    f"loss became {loss_value} at step {steps_done - 1} (mini-epoch {epoch}); no checkpoint was "
+                    f"written from these weights. The last good checkpoint is {saved[0][1] if saved else 'none'}. "
+                    f"Lower --lr_init or check the data, then resume.")
+            now = time.time()
+            kt_s = self.cfg.real_bsz * self.cfg.ctx_len / max(now - self.step_time, 1e-9) / 1000
+            self.step_time = now
+            if in_step:
+                pl_module.log("lr", self.lr, prog_bar=True, on_step=True, logger=False)
+                pl_module.log("loss", mean_loss, prog_bar=True, on_step=True, logger=False)
+                pl_module.log("Kt/s", kt_s, prog_bar=True, on_step=True, logger=False)
+            if self.wandb is not None:
+                real_step = steps_done + self.cfg.epoch_begin * self.cfg.epoch_steps
+                self.wandb.log({"loss": loss_value, "lr": self.lr, "wd": self.cfg.weight_decay, "kt/s": kt_s,
+                                "Gtokens": real_step * self.cfg.real_bsz * self.cfg.ctx_len / 1e9}, step=real_step)
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self.finished or self.loss_count == 0:
             return
+        self.report_losses(trainer, pl_module)   # no checkpoint from weights after a NaN loss
         mean_loss = trainer.strategy.reduce(self.loss_sum / self.loss_count, reduce_op="mean").item()
         e = trainer.current_epoch
         epoch = self.cfg.epoch_begin + e
@@ -145,6 +171,7 @@ class TrainCallback(pl.Callback):
         return (sums[0] / sums[1]).item()
 
     def on_train_end(self, trainer, pl_module):
+        self.report_losses(trainer, pl_module)
         if self.log_file is not None:
             self.log_file.close()
         if self.wandb is not None:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from src.config import ConfigError, ModelConfig, OptimConfig
 from src.head_loss import L2Wrap, head_loss_chunked, head_loss_reference
 from src.model import RWKV
+from tests.chains import CHAIN_NAMES, chain, chain_inputs, outputs_and_grads
 
 
 def expected_shapes(L, C, V, N=64, F_=None):
@@ -243,3 +244,17 @@ def test_rwkv_package_runs_our_checkpoint(tmp_path):
         logits, state = package.forward([token], state)
         stepwise.append(logits)
     assert (torch.stack(stepwise) - ours[:16]).abs().max() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("name", CHAIN_NAMES)
+def test_compiled_chain_equals_plain(name):
+    """Each fused piece compiles as one graph (fullgraph) and computes what its plain form computes, gradients
+    of the [1,1,C] parameters included (in their own shape)."""
+    args = chain_inputs(name, "cpu", torch.float32)
+    plain = outputs_and_grads(chain(name).fn, args)
+    compiled = outputs_and_grads(chain(name).run_compiled, args)
+    for p, c in zip(plain, compiled):
+        assert (c is None) == (p is None)
+        if p is not None:
+            assert c.shape == p.shape
+            torch.testing.assert_close(c, p, rtol=1e-4, atol=1e-4)

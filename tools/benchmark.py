@@ -54,6 +54,26 @@ class StepTimer(pl.Callback):
         self.times.append(time.perf_counter())
 
 
+class HostProfiler(pl.Callback):
+    """cProfile over a few steps after warm-up; prints where the host's (Python's) time goes."""
+
+    def __init__(self, first, count=3):
+        import cProfile
+        self.first, self.count, self.profiler = first, count, cProfile.Profile()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.first:
+            self.profiler.enable()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.first + self.count - 1:
+            import pstats
+            self.profiler.disable()
+            if trainer.is_global_zero:
+                print(f"host profile of {self.count} steps:")
+                pstats.Stats(self.profiler, stream=sys.stdout).sort_stats("tottime").print_stats(30)
+
+
 class StepProfiler(pl.Callback):
     """torch.profiler over a few steps after warm-up; prints where the GPU time goes."""
 
@@ -72,8 +92,14 @@ class StepProfiler(pl.Callback):
                 torch.cuda.synchronize()
             self.profiler.__exit__(None, None, None)
             if trainer.is_global_zero:
-                print(f"profile of {self.count} steps:\n" + self.profiler.key_averages().table(
+                events = self.profiler.key_averages()
+                print(f"profile of {self.count} steps:\n" + events.table(
                     sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total", row_limit=30, max_name_column_width=60))
+                kernels = [e for e in self.profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                syncs = {e.key: e.count // self.count for e in events
+                         if "Synchronize" in e.key or e.key in ("aten::_local_scalar_dense", "cudaMemcpyAsync")}
+                print(f"per step: {len(kernels) // self.count} GPU kernels, "
+                      f"{sum(e.device_time for e in kernels) / 1000 / self.count:.1f} ms of kernel time; host syncs {syncs}")
             self.profiler = None
 
 
@@ -93,7 +119,7 @@ def main(argv=None):
     parser.add_argument("--fused", type=int, default=1, help="0: the plain path (sequential kernel, eager, full logits)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median")
-    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 steps")
+    parser.add_argument("--profile", action="store_true", help="print cProfile and torch.profiler tables of 3 steps each (their steps are slower)")
     args = parser.parse_args(argv)
 
     preset = dict(PRESETS[args.preset])
@@ -109,7 +135,7 @@ def main(argv=None):
         model.init_weights()
         dataset = RandomTokens(args.steps * cfg.micro_bsz, cfg.ctx_len, cfg.vocab_size)
         timer = StepTimer()
-        callbacks = [TrainCallback(cfg, dataset), timer] + ([StepProfiler(args.steps - 4)] if args.profile else [])
+        callbacks = [TrainCallback(cfg, dataset), timer] + ([HostProfiler(args.steps - 8), StepProfiler(args.steps - 4)] if args.profile else [])
         trainer = train.fit(cfg, model, dataset, callbacks, max_steps=args.steps)
     if not trainer.is_global_zero:
         return

@@ -1,0 +1,56 @@
+"""Inputs for every elementwise Chain of src/model.py and a check of its compiled form against the plain one
+(used by tests/test_model.py on CPU and tests/gpu/test_training_gpu.py on CUDA)."""
+import torch
+import torch.nn as nn
+
+from src import head_loss, model
+
+B, T, H, N = 2, 32, 4, 16
+C = H * N
+
+
+def chain_inputs(name, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def act(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype).requires_grad_()
+
+    def param(*shape):   # learned vectors at their init's scale, [1,1,C] like the model's
+        return nn.Parameter(torch.rand(*shape, generator=g).to(device, dtype))
+
+    return {
+        "time_mix_inputs": (act(B, T, C), None, *[param(1, 1, C) for _ in range(6)]),
+        "wkv7_inputs": (*[act(B, T, C) for _ in range(6)], *[param(1, 1, C) for _ in range(5)], N),
+        "wkv7_inputs_layer0": (act(B, T, C), act(B, T, C), None, act(B, T, C), act(B, T, C), None,
+                               *[param(1, 1, C) for _ in range(5)], N),
+        "wkv7_output": (*[act(B, T, H, N) for _ in range(4)], act(B, T, C), param(H, N), param(C), param(C), 64e-5),
+        "channel_mix_input": (act(B, T, C), None, param(1, 1, C)),
+        "relu_square": (act(B, T, C),),
+        # logits at a trained model's scale, a ragged last chunk's length, targets that hit the argmax too
+        "cross_entropy_grad": ((4 * torch.randn(B * T - 5, 1000, generator=g)).to(device, dtype),
+                               torch.randint(0, 1000, (B * T - 5,), generator=g).to(device), B * T),
+    }[name]
+
+
+CHAIN_NAMES = ("time_mix_inputs", "wkv7_inputs", "wkv7_inputs_layer0", "wkv7_output", "channel_mix_input", "relu_square",
+               "cross_entropy_grad")
+
+
+def outputs_and_grads(fn, args, seed=1):
+    """Outputs and the gradients of every tensor input under a fixed random cotangent, all in float64."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            a.grad = None
+    out = fn(*args)
+    out = out if isinstance(out, tuple) else (out,)
+    g = torch.Generator().manual_seed(seed)
+    if any(o.requires_grad for o in out):
+        loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum() for o in out)
+        loss.backward()
+    grads = [a.grad for a in args if isinstance(a, torch.Tensor)]   # None for an input the chain ignores
+    return [None if t is None else t.detach().double() for t in (*out, *grads)]
+
+
+def chain(name):
+    name = name.removesuffix("_layer0")
+    return getattr(head_loss if name == "cross_entropy_grad" else model, name)

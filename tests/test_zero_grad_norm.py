@@ -1,0 +1,40 @@
+"""The multi-tensor gradient norm that replaces DeepSpeed ZeRO-1/2's per-parameter loop gives its numbers."""
+import types
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """A data-parallel group of one rank: its all-reduce leaves the tensor as it is."""
+    import deepspeed.comm as dist
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None, group=None, **kwargs: None)
+
+
+def fake_optimizer():
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    opt = types.SimpleNamespace(model_parallel_rank=0, model_parallel_group=None, dp_process_group=None, device="cpu")
+    opt._model_parallel_all_reduce = types.MethodType(DeepSpeedZeroOptimizer._model_parallel_all_reduce, opt)
+    return opt
+
+
+@pytest.mark.parametrize("case", ["finite", "nan", "inf", "empty"])
+def test_foreach_norm_equals_deepspeed(one_rank, case):
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from src import zero_grad_norm
+    zero_grad_norm.install()
+    g = torch.Generator().manual_seed(0)
+    grads = [] if case == "empty" else [torch.randn(*shape, generator=g).bfloat16() * scale
+                                        for shape, scale in [((768, 768), 1e-3), ((1, 1, 768), 2.0), ((12, 64), 1e-6), ((65536, 8), 0.1)]]
+    if case in ("nan", "inf"):
+        grads[1][0, 0, 3] = float(case)
+    params = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
+    ours = DeepSpeedZeroOptimizer.get_grad_norm_direct(fake_optimizer(), grads, params)
+    assert DeepSpeedZeroOptimizer.get_grad_norm_direct is zero_grad_norm.grad_norm_foreach
+    theirs = zero_grad_norm._deepspeed_grad_norm(fake_optimizer(), grads, params)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)   # fp32 sums against DeepSpeed's fp64
+    if case in ("nan", "inf"):
+        assert ours.item() == -1.0
