@@ -38,6 +38,10 @@ def build_dataset(cfg: TrainConfig):
         dataset = BinidxDataset(cfg.data_file, cfg.ctx_len, cfg.magic_prime, cfg.micro_bsz, cfg.world_size,
                                 cfg.vocab_size, cfg.epoch_steps)
         cfg.epoch_count = cfg.magic_prime // MINI_EPOCH_SAMPLES
+        if cfg.epoch_count == 0 and cfg.my_exit_tokens <= 0:
+            raise ConfigError(f"{cfg.data_file}: {cfg.magic_prime} samples (--magic_prime) are less than one mini-epoch "
+                              f"of {MINI_EPOCH_SAMPLES}, so the LR schedule has no horizon; set --my_exit_tokens "
+                              f"(e.g. {cfg.magic_prime * cfg.ctx_len}, one pass over the data)")
         return dataset
     return JsonlStreamDataset(cfg.data_file, cfg.ctx_len, cfg.micro_bsz, cfg.epoch_steps, max(cfg.random_seed, 0),
                               os.path.join(cfg.proj_dir, STREAM_STATE_DIR))

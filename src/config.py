@@ -2,6 +2,9 @@
 from dataclasses import dataclass
 
 
+DEEPSPEED_STRATEGIES = ("deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3")
+
+
 class ConfigError(ValueError):
     """A flag (or combination of flags) that cannot work; the message says what would."""
 
@@ -161,6 +164,8 @@ class TrainConfig:
             raise ConfigError(f"--accelerator {self.accelerator!r}: use gpu or cpu")
         if self.lr_init <= 0 or self.lr_final <= 0:
             raise ConfigError(f"--lr_init {self.lr_init} and --lr_final {self.lr_final} must be > 0")
+        if self.uses_deepspeed and self.strategy not in DEEPSPEED_STRATEGIES:
+            raise ConfigError(f"--strategy {self.strategy}: this recipe builds {', '.join(DEEPSPEED_STRATEGIES)}")
         if self.train_stage >= 2 and self.uses_deepspeed and self.accelerator == "cpu":
             raise ConfigError(f"--strategy {self.strategy} needs GPUs; on CPU train with --strategy auto")
         if self.data_type == "jsonl" and self.epoch_steps < 1:

@@ -31,6 +31,12 @@ def lr_schedule(cfg: TrainConfig, step_in_run: int):
     return lr, progress
 
 
+def saves_checkpoint(cfg: TrainConfig, run_epoch: int):
+    """RECIPE.md section 8: rwkv-<epoch_begin + e>.pth after this run's mini-epoch e when e % epoch_save == 0
+    or it is the recipe's last mini-epoch (also in a resumed run)."""
+    return run_epoch % cfg.epoch_save == 0 or cfg.epoch_begin + run_epoch == cfg.epoch_count - 1
+
+
 def checkpoint_state_dict(trainer, pl_module):
     """The full model weights as a plain state dict (gathered from every rank under ZeRO-3)."""
     if getattr(trainer.strategy, "zero_stage_3", False):
@@ -146,7 +152,7 @@ class TrainCallback(pl.Callback):
         mean_loss = trainer.strategy.reduce(self.loss_sum / self.loss_count, reduce_op="mean").item()
         e = trainer.current_epoch
         epoch = self.cfg.epoch_begin + e
-        if e % self.cfg.epoch_save == 0 or e == self.cfg.epoch_count - 1:
+        if saves_checkpoint(self.cfg, e):
             state_dict = checkpoint_state_dict(trainer, pl_module)
             if trainer.is_global_zero:
                 save_atomic(state_dict, os.path.join(self.cfg.proj_dir, f"rwkv-{epoch}.pth"))

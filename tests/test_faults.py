@@ -177,6 +177,7 @@ def test_bad_inputs_are_refused_before_any_model(binidx_data, tmp_path, monkeypa
         (["--n_embd", "48"], r"--n_embd 48"),
         (["--my_testing", "x060"], r"x070"),
         (["--data_type", "text"], r"--data_type"),
+        (["--strategy", "deepspeed_stage_1"], r"deepspeed_stage_1.*deepspeed_stage_2"),
     ]
     for extra, pattern in cases:
         message = run_main(binidx_argv(proj, binidx_data, *extra), monkeypatch)
@@ -230,3 +231,11 @@ def test_nan_loss_stops_the_run_and_saves_nothing(binidx_data, tmp_path):
     assert result.returncode != 0
     assert re.search(r"loss became nan at step 0 \(mini-epoch 0\).*rwkv-init\.pth", result.stderr, re.S), result.stderr[-2000:]
     assert sorted(n for n in os.listdir(proj) if n.endswith(".pth")) == ["rwkv-init.pth"]
+
+
+def test_data_under_one_mini_epoch_needs_an_exit_token_count(tmp_path, monkeypatch):
+    prefix = str(tmp_path / "small")
+    write_binidx(prefix, [np.random.default_rng(1).integers(1, 256, size=100_000).astype(np.uint16)])
+    small = (prefix, find_magic_prime(100_000, 16))
+    message = run_main(binidx_argv(tmp_path / "run", small, "--micro_bsz", "8"), monkeypatch)
+    assert message.startswith("error:") and "less than one mini-epoch" in message and "--my_exit_tokens" in message, message

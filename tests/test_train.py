@@ -10,7 +10,7 @@ import torch
 
 from src.config import TrainConfig
 from src.evaluate import load_token_stream, val_loss
-from src.trainer import lr_schedule
+from src.trainer import lr_schedule, saves_checkpoint
 from tools.generate import load_model
 from tests.conftest import CTX, VOCAB
 from tests.test_model import check_init
@@ -71,6 +71,15 @@ def log_lines(proj_dir):
 
 
 EPOCH_TOKENS = 40320 * CTX
+
+
+def test_checkpoint_rule_saves_the_last_mini_epoch_after_a_resume():
+    cfg = TrainConfig(epoch_count=3, epoch_save=5)
+    assert [saves_checkpoint(cfg, e) for e in range(3)] == [True, False, True]
+    cfg.epoch_begin = 1   # resumed after rwkv-0: run epochs 0, 1 are the recipe's 1, 2 (the last)
+    assert [saves_checkpoint(cfg, e) for e in range(2)] == [True, True]
+    cfg.epoch_save = 1
+    assert all(saves_checkpoint(cfg, e) for e in range(2))
 
 
 def test_train_stage1_then_resume_and_fallback(byte_data, tmp_path):
