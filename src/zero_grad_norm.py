@@ -8,20 +8,19 @@ as DeepSpeed does), with torch._foreach_norm: a few launches in all, summing in 
 in fp64 (1e-5 relative at most, immaterial for a clipping threshold). install() puts it in place of
 DeepSpeed's; other norm types and model-parallel runs keep DeepSpeed's own code.
 """
+import deepspeed.comm as dist
 import torch
+from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
 
 _deepspeed_grad_norm = None
 
 
 def grad_norm_foreach(optimizer, gradients, params, norm_type=2):
-    import deepspeed.comm as dist
-    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
     if float(norm_type) != 2.0 or optimizer.model_parallel_rank != 0 or \
             any(getattr(p, "ds_pipe_replicated", False) for p in params):
         return _deepspeed_grad_norm(optimizer, gradients, params, norm_type)
-    grads = [g.detach() for g in gradients]
-    if grads:
-        total_norm = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).square().sum()
+    if gradients:
+        total_norm = torch.stack(torch._foreach_norm(list(gradients), 2.0, dtype=torch.float32)).square().sum()
     else:
         total_norm = torch.zeros((), dtype=torch.float32, device=optimizer.device)
     dist.all_reduce(total_norm, op=dist.ReduceOp.SUM, group=optimizer.dp_process_group)

@@ -46,11 +46,6 @@ def run_arg(line, key):
         return int(found.group(1)) if found else None
 
 
-def run_ctx_len(line):
-    """ctx_len of a run-arguments line, or None if it has none."""
-    return run_arg(line, "ctx_len")
-
-
 def run_epoch_samples(line):
     """Samples per mini-epoch of a run-arguments line: epoch_steps x real batch, else the binidx 40320."""
     steps, micro_bsz = run_arg(line, "epoch_steps"), run_arg(line, "micro_bsz")
@@ -70,7 +65,7 @@ def parse_log(path, ctx_len=None):
                 run_ctx, run_samples, after_new_run = None, MINI_EPOCH_SAMPLES, True
                 continue
             if after_new_run and line.startswith("{"):
-                run_ctx, run_samples = run_ctx_len(line), run_epoch_samples(line)
+                run_ctx, run_samples = run_arg(line, "ctx_len"), run_epoch_samples(line)
             after_new_run = False
             fields = line.split()
             # <mini-epoch> <loss> <exp(loss)> <lr> <date> <time> <epoch in run>; a shorter line is cut off
