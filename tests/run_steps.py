@@ -1,7 +1,9 @@
 """Train for a fixed number of steps through train.py's own path and write the per-step losses (mean over
 ranks) as JSON: the GPU parity checks compare such runs.
 
-    python tests/run_steps.py --steps 300 --out losses.json -- <train.py flags>
+    python tests/run_steps.py --steps 300 --out losses.json [--batches_out DIR] -- <train.py flags>
+
+--batches_out: every rank also writes the (x, y) batches it trained on, in step order, to DIR/rank<r>.pt.
 """
 import argparse
 import json
@@ -17,6 +19,18 @@ import train  # noqa: E402
 from src.trainer import TrainCallback  # noqa: E402
 
 
+class BatchRecorder(pl.Callback):
+    def __init__(self, folder):
+        self.folder, self.batches = folder, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches.append(tuple(t.cpu() for t in batch))
+
+    def on_train_end(self, trainer, pl_module):
+        os.makedirs(self.folder, exist_ok=True)
+        torch.save(self.batches, os.path.join(self.folder, f"rank{trainer.global_rank}.pt"))
+
+
 class LossRecorder(pl.Callback):
     def __init__(self):
         self.losses = []
@@ -30,12 +44,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--batches_out")
     args, train_argv = parser.parse_known_args()
     cfg = train.parse_args([a for a in train_argv if a != "--"])
     dataset, val_tokens, start_path, state_dict = train.prepare(cfg)
     model = train.build_model(cfg, start_path, state_dict)
     recorder = LossRecorder()
-    trainer = train.fit(cfg, model, dataset, [TrainCallback(cfg, dataset, val_tokens), recorder], max_steps=args.steps)
+    callbacks = [TrainCallback(cfg, dataset, val_tokens), recorder]
+    if args.batches_out:
+        callbacks.append(BatchRecorder(args.batches_out))
+    trainer = train.fit(cfg, model, dataset, callbacks, max_steps=args.steps)
     if trainer.is_global_zero:
         peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
         with open(args.out, "w") as f:

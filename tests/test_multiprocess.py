@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from tests.conftest import CTX, ROOT, VOCAB
+from tests.data_helpers import check_two_ranks_stream
 
 
 def losses(tmp_path, name, data, devices, micro_bsz, steps=4):
@@ -31,3 +32,9 @@ def test_two_processes_match_one(byte_data, tmp_path):
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["losses"] == pytest.approx(one["losses"], abs=1e-4)
     assert one["losses"][-1] < one["losses"][0]
+
+
+def test_two_processes_stream_every_document_once(tmp_path):
+    """The streamed loader on 2 real ranks: over three mini-epochs (fresh loader workers resuming from the saved
+    positions) no document is served twice within a pass and none is skipped."""
+    check_two_ranks_stream(tmp_path, "--accelerator", "cpu", "--precision", "32", "--strategy", "ddp")

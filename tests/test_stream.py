@@ -2,7 +2,6 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 import zstandard
@@ -12,7 +11,8 @@ import src.dataset
 from src.binidx import DataError
 from src.dataset import JsonlStreamDataset, find_shards
 from src.tokenizer import RWKVTokenizer
-from tests.data_helpers import CORPUS, numbered_documents, write_shard
+from tests.data_helpers import (CORPUS, documents, passes_cover_every_document_once, write_numbered_shards,
+                                served_by_readers, windows, write_shard)
 
 CTX, MICRO, STEPS = 16, 2, 20  # per mini-epoch and rank: 20 batches of 2 samples
 RANKS, WORKERS = 2, 2
@@ -27,13 +27,7 @@ def tokenizer():
 @pytest.fixture
 def shards(tmp_path):
     folder = tmp_path / "shards"
-    folder.mkdir()
-    texts = []
-    for k, name in enumerate(["00.jsonl.zst", "01.jsonl.zst", "02.jsonl", "03.jsonl.zst"]):
-        documents = numbered_documents(k, LINES)
-        write_shard(str(folder / name), documents)
-        texts += [d["text"] for d in documents]
-    return str(folder), texts
+    return str(folder), write_numbered_shards(folder, LINES)
 
 
 def make_dataset(paths, state_dir, seed=0, ctx_len=CTX, micro_bsz=MICRO, epoch_steps=STEPS):
@@ -48,39 +42,17 @@ def serve(dataset, epoch, rank=0, world_size=1, num_workers=WORKERS):
     return [(x.clone(), y.clone()) for x, y in loader]
 
 
-def windows(batches):
-    for x, y in batches:
-        assert x.dtype == y.dtype == torch.int64 and torch.equal(x[:, 1:], y[:, :-1])
-        yield from torch.cat([x, y[:, -1:]], dim=1).tolist()
-
-
-def documents(tokenizer, reader_windows):
-    """The documents one reader served: windows overlap by one token; each document ends with 0."""
-    stream = list(reader_windows[0])
-    for previous, window in zip(reader_windows, reader_windows[1:]):
-        assert window[0] == previous[-1]
-        stream += window[1:]
-    *complete, _partial = np.split(np.array(stream), np.flatnonzero(np.array(stream) == 0) + 1)
-    return [tokenizer.decode(d[:-1].tolist()) for d in complete]
-
-
 def test_two_ranks_two_workers_no_overlap_full_coverage(tmp_path, shards, tokenizer):
     folder, texts = shards
     dataset = make_dataset(folder, tmp_path / "state")
-    reader_windows = {}
+    rank_batches = [[] for _ in range(RANKS)]
     for epoch in range(3):
         for rank in range(RANKS):
             batches = serve(dataset, epoch, rank, RANKS)
             assert len(batches) == STEPS and all(x.shape == (MICRO, CTX) for x, _ in batches)
-            for k, batch in enumerate(batches):  # the loader takes batches from its workers in turn
-                reader_windows.setdefault((rank, k % WORKERS), []).extend(windows([batch]))
-    served = {reader: documents(tokenizer, w) for reader, w in reader_windows.items()}
-    per_pass = len(texts) // (RANKS * WORKERS)
-    for pass_index in range(2):
-        seen = [text for docs in served.values() for text in docs[pass_index * per_pass:(pass_index + 1) * per_pass]]
-        assert sorted(seen) == sorted(texts)  # every document once per pass, no reader shares one
-    first_pass = {reader: docs[:per_pass] for reader, docs in served.items()}
-    second_pass = {reader: docs[per_pass:2 * per_pass] for reader, docs in served.items()}
+            rank_batches[rank] += batches
+    served = served_by_readers(rank_batches, WORKERS, tokenizer)
+    first_pass, second_pass = passes_cover_every_document_once(served, texts, passes=2)
     assert first_pass != second_pass  # a new pass visits the shards in a new order
 
 

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from tests.data_helpers import check_two_ranks_stream
 from tests.gpu.conftest import SHARDS, compare_losses, minipile_flags, run, run_steps
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
@@ -18,6 +19,12 @@ def test_two_gpus_match_one(corpus_binidx, minipile_init, tmp_path):
     assert two["world_size"] == 2
     mean, tail = compare_losses(two, one, "2 GPUs x 8 vs 1 GPU x 16")
     assert mean < 0.01 and tail < 0.01
+
+
+def test_two_gpus_stream_every_document_once(tmp_path):
+    """The streamed loader on 2 GPUs under DeepSpeed: no document twice within a pass, none skipped."""
+    check_two_ranks_stream(tmp_path, "--accelerator", "gpu", "--precision", "bf16", "--strategy", "deepspeed_stage_2",
+                           "--n_embd", 64, "--head_size", 64)  # the built kernel's head size (later flags win)
 
 
 @pytest.mark.parametrize("strategy", ["deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3"])
