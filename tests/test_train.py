@@ -82,20 +82,6 @@ def test_checkpoint_rule_saves_the_last_mini_epoch_after_a_resume():
     assert all(saves_checkpoint(cfg, e) for e in range(2))
 
 
-@pytest.mark.parametrize("strategy, devices, num_nodes, buckets", [
-    ("deepspeed_stage_2", 1, 1, False), ("deepspeed_stage_2", 2, 1, True), ("deepspeed_stage_2", 1, 2, True),
-    ("deepspeed_stage_2_offload", 1, 1, True), ("deepspeed_stage_3", 1, 1, True)])
-def test_zero2_on_one_gpu_fills_no_gradient_buckets(strategy, devices, num_nodes, buckets):
-    """ZeRO-2 on one GPU skips the per-parameter bucket copies (host work in a launch-bound step); several GPUs
-    keep DeepSpeed's overlap of communication with the backward pass, other stages DeepSpeed's defaults."""
-    import train
-    cfg = TrainConfig(proj_dir="unused", accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy,
-                      precision="bf16")
-    zero = train.build_trainer(cfg, []).strategy.config["zero_optimization"]
-    assert (zero["overlap_comm"], zero["contiguous_gradients"]) == (buckets, buckets)
-    assert zero["stage"] == (3 if "stage_3" in strategy else 2)
-
-
 def test_train_stage1_then_resume_and_fallback(byte_data, tmp_path):
     proj = tmp_path / "run"
     # stage 1 with the reference prepare flags (deepspeed strategy on CPU, bf16): writes the init, no Trainer

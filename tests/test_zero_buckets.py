@@ -1,0 +1,87 @@
+"""ZeRO-2 on one GPU runs without DeepSpeed's gradient buckets (train.build_trainer): it must train exactly as
+DeepSpeed's default bucketed setting does. Checked on CPU through DeepSpeed itself (gloo, one rank), in a
+subprocess so the process group does not outlive the test."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def zero_optimization(strategy, devices, num_nodes=1):
+    """The zero_optimization section that train.py builds."""
+    import train
+    from src.config import TrainConfig
+    cfg = TrainConfig(proj_dir="unused", accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy,
+                      precision="bf16")
+    return train.build_trainer(cfg, []).strategy.config["zero_optimization"]
+
+
+@pytest.mark.parametrize("strategy, devices, num_nodes, buckets", [
+    ("deepspeed_stage_2", 1, 1, False), ("deepspeed_stage_2", 2, 1, True), ("deepspeed_stage_2", 1, 2, True),
+    ("deepspeed_stage_2_offload", 1, 1, True), ("deepspeed_stage_3", 1, 1, True)])
+def test_only_zero2_on_one_gpu_goes_without_buckets(strategy, devices, num_nodes, buckets):
+    """Several GPUs keep DeepSpeed's overlap of communication with the backward pass; offload and ZeRO-3 keep
+    DeepSpeed's defaults."""
+    zero = zero_optimization(strategy, devices, num_nodes)
+    assert (zero["overlap_comm"], zero["contiguous_gradients"]) == (buckets, buckets)
+    assert zero["stage"] == (3 if "stage_3" in strategy else 2)
+
+
+def test_training_without_buckets_equals_deepspeed_default():
+    one_gpu, several = zero_optimization("deepspeed_stage_2", 1), zero_optimization("deepspeed_stage_2", 2)
+    assert not one_gpu["contiguous_gradients"] and several["contiguous_gradients"]
+    result = subprocess.run([sys.executable, __file__, json.dumps([one_gpu, several])], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    moved = json.loads(result.stdout.strip().splitlines()[-1])
+    assert moved["max_difference"] == 0.0       # bit-identical weights after the steps
+    assert moved["max_change_from_init"] > 1e-3  # and the steps did train
+
+
+def train_steps(zero, steps=6):
+    """Weights of a small RWKV after `steps` ZeRO-2 steps (bf16, grad clipping) with this zero_optimization."""
+    import dataclasses
+
+    import deepspeed
+    import torch
+
+    from src.config import TrainConfig
+    from src.model import RWKV
+    cfg = TrainConfig(n_layer=2, n_embd=32, head_size=8, vocab_size=256, ctx_len=16, micro_bsz=4, lr_init=1e-2)
+    torch.manual_seed(0)
+    model = RWKV(cfg.model_config(), dataclasses.replace(cfg.optim_config(), optimizer="torch"))
+    model.init_weights()
+    init = [p.detach().clone() for p in model.parameters()]
+    # small buckets, so that the gradients go through several of them
+    zero = {**zero, "reduce_bucket_size": 2000, "allgather_bucket_size": 2000}
+    config = {"train_micro_batch_size_per_gpu": cfg.micro_bsz, "gradient_clipping": 1.0, "bf16": {"enabled": True},
+              "zero_allow_untested_optimizer": True, "zero_optimization": zero}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=model.configure_optimizers(), config=config)
+    tokens = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        batch = torch.randint(0, cfg.vocab_size, (cfg.micro_bsz, cfg.ctx_len + 1), generator=tokens)
+        engine.backward(engine.module.training_step((batch[:, :-1], batch[:, 1:]), 0))
+        engine.step()
+    return [p.detach().float() for p in engine.module.parameters()], init
+
+
+def main(zeros):
+    import deepspeed
+
+    from src import zero_grad_norm
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29400 + os.getpid() % 500), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="gloo")
+    zero_grad_norm.install()  # as train.py does
+    (a, init), (b, _) = (train_steps(zero) for zero in zeros)
+    print(json.dumps({"max_difference": max((p - q).abs().max().item() for p, q in zip(a, b)),
+                      "max_change_from_init": max((p - q.float()).abs().max().item() for p, q in zip(a, init))}))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    main(json.loads(sys.argv[1]))
