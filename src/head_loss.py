@@ -62,7 +62,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
         n = B * T
         x2, targets = x.reshape(n, C), targets.reshape(n)
         grad_x = torch.empty_like(x2)
-        acc = torch.promote_types(x.dtype, torch.float32)
+        acc = torch.promote_types(x.dtype, torch.float32)   # the head's gradient and the loss summed in fp32 at least
         grad_w = torch.zeros(head_weight.shape, dtype=acc, device=x.device)
         loss_sum = torch.zeros((), dtype=acc, device=x.device)
         for start in range(0, n, chunk_tokens):

@@ -33,7 +33,7 @@ def wkv7_inputs(k, v, v_first, w_lora, a_lora, v_lora, w0, a0, v0, k_k, k_a, hea
     """The kernel's inputs besides r, as [B,T,H,N]: the decay w, the key with the in-context learning rate a
     mixed in, the value (with the value residual from layer 0's v unless v_lora is None), and z = -kk,
     b = kk * a for the normalized key kk."""
-    B, T, C = k.shape
+    B, T, _ = k.shape
     w = -F.softplus(-(w0 + w_lora)) - 0.5                     # soft clamp to (-inf, -0.5)
     if v_lora is not None:
         v = v + (v_first - v) * torch.sigmoid(v0 + v_lora)    # value residual
@@ -121,7 +121,7 @@ class TimeMix(nn.Module):
 
     def forward(self, x, v_first, state=None):
         """state: None when training from a zero state, else (last input token [B,C], WKV state [B,H,N,N])."""
-        B, T, C = x.shape
+        B, T, _ = x.shape
         H, N = self.n_head, self.head_size
         fused = self.fused and state is None
         xr, xw, xk, xv, xa, xg = time_mix_inputs(x, None if state is None else state[0], self.x_r, self.x_w,

@@ -12,6 +12,25 @@ CORPUS = os.path.join(ROOT, "..", "shared", "data", "corpus", "train-00.jsonl.zs
 CTX, VOCAB = 16, 256
 
 
+def run(*args, timeout=1200):
+    """Run a Python script from the repo root; fail the test with its output's tail if it fails."""
+    import subprocess
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def run_steps(tmp_path, name, steps, flags, batches_out=None, timeout=1200):
+    """Per-step losses (mean over ranks) of `steps` steps of train.py's path with `flags` (tests/run_steps.py);
+    with batches_out, each rank also writes the batches it trained on there."""
+    import json
+    out = os.path.join(tmp_path, f"{name}.json")
+    run("tests/run_steps.py", "--steps", steps, "--out", out, *(["--batches_out", batches_out] if batches_out else []),
+        "--", *flags, timeout=timeout)
+    with open(out) as f:
+        return json.load(f)
+
+
 @pytest.fixture(scope="session")
 def byte_data(tmp_path_factory):
     """Real English text as byte tokens (vocab 256): about two mini-epochs of ctx 16."""

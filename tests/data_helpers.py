@@ -100,20 +100,17 @@ def check_two_ranks_stream(tmp_path, *train_flags):
     """Train 60 steps on 2 ranks from 4 small shards (tests/run_steps.py with `train_flags`), then assert from the
     batches each rank trained on that the 2 ranks x STREAM_WORKERS readers served every document exactly once
     in each of the first two passes."""
-    import subprocess
-    import sys
     from src.dataset import STREAM_WORKERS
     from src.tokenizer import RWKVTokenizer
+    from tests.conftest import run_steps
     texts = write_numbered_shards(tmp_path / "shards", 12)
     batches = tmp_path / "batches"
-    cmd = [sys.executable, "tests/run_steps.py", "--steps", "60", "--out", str(tmp_path / "losses.json"),
-           "--batches_out", str(batches), "--", "--proj_dir", str(tmp_path / "run"), "--data_type", "jsonl",
-           "--data_file", str(tmp_path / "shards"), "--vocab_size", "65536", "--ctx_len", "16", "--micro_bsz", "2",
-           "--epoch_steps", "20", "--epoch_count", "3", "--n_layer", "1", "--n_embd", "32", "--head_size", "8",
-           "--devices", "2", "--enable_progress_bar", "False", "--random_seed", "0", "--train_stage", "0",
-           *map(str, train_flags)]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_steps(tmp_path, "losses", 60, ["--proj_dir", tmp_path / "run", "--data_type", "jsonl", "--data_file",
+                                       tmp_path / "shards", "--vocab_size", 65536, "--ctx_len", 16, "--micro_bsz", 2,
+                                       "--epoch_steps", 20, "--epoch_count", 3, "--n_layer", 1, "--n_embd", 32,
+                                       "--head_size", 8, "--devices", 2, "--enable_progress_bar", "False",
+                                       "--random_seed", 0, "--train_stage", 0, *train_flags],
+              batches_out=batches, timeout=900)
     rank_batches = [torch.load(batches / f"rank{rank}.pt") for rank in range(2)]
     assert [len(b) for b in rank_batches] == [60, 60]
     served = served_by_readers(rank_batches, STREAM_WORKERS, RWKVTokenizer())

@@ -1,27 +1,18 @@
 """Several processes on one host (DDP over gloo on CPU): the same path DeepSpeed takes on several GPUs."""
-import json
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import CTX, ROOT, VOCAB
+from tests.conftest import CTX, VOCAB, run_steps
 from tests.data_helpers import check_two_ranks_stream
 
 
 def losses(tmp_path, name, data, devices, micro_bsz, steps=4):
     prefix, magic_prime = data
-    out = tmp_path / f"{name}.json"
-    cmd = [sys.executable, "tests/run_steps.py", "--steps", str(steps), "--out", str(out), "--",
-           "--proj_dir", str(tmp_path / name), "--data_file", prefix, "--data_type", "binidx", "--vocab_size",
-           str(VOCAB), "--ctx_len", str(CTX), "--magic_prime", str(magic_prime), "--micro_bsz", str(micro_bsz),
-           "--n_layer", "1", "--n_embd", "32", "--head_size", "8", "--lr_init", "1e-2", "--lr_final", "1e-3",
-           "--warmup_steps", "0", "--accelerator", "cpu", "--devices", str(devices), "--precision", "32",
-           "--strategy", "ddp" if devices > 1 else "auto", "--enable_progress_bar", "False", "--random_seed", "0",
-           "--train_stage", "0"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(out.read_text())
+    return run_steps(tmp_path, name, steps, [
+        "--proj_dir", tmp_path / name, "--data_file", prefix, "--data_type", "binidx", "--vocab_size", VOCAB,
+        "--ctx_len", CTX, "--magic_prime", magic_prime, "--micro_bsz", micro_bsz, "--n_layer", 1, "--n_embd", 32,
+        "--head_size", 8, "--lr_init", "1e-2", "--lr_final", "1e-3", "--warmup_steps", 0, "--accelerator", "cpu",
+        "--devices", devices, "--precision", 32, "--strategy", "ddp" if devices > 1 else "auto",
+        "--enable_progress_bar", "False", "--random_seed", 0, "--train_stage", 0], timeout=600)
 
 
 def test_two_processes_match_one(byte_data, tmp_path):

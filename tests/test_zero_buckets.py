@@ -3,7 +3,6 @@ DeepSpeed's default bucketed setting does. Checked on CPU through DeepSpeed itse
 subprocess so the process group does not outlive the test."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -32,11 +31,10 @@ def test_only_zero2_on_one_gpu_goes_without_buckets(strategy, devices, num_nodes
 
 
 def test_training_without_buckets_equals_deepspeed_default():
+    from tests.conftest import run
     one_gpu, several = zero_optimization("deepspeed_stage_2", 1), zero_optimization("deepspeed_stage_2", 2)
     assert not one_gpu["contiguous_gradients"] and several["contiguous_gradients"]
-    result = subprocess.run([sys.executable, __file__, json.dumps([one_gpu, several])], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run(__file__, json.dumps([one_gpu, several]), timeout=600)
     moved = json.loads(result.stdout.strip().splitlines()[-1])
     assert moved["max_difference"] == 0.0       # bit-identical weights after the steps
     assert moved["max_change_from_init"] > 1e-3  # and the steps did train

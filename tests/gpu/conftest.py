@@ -1,20 +1,12 @@
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.conftest import ROOT, run
+
 # the corpus shards: carried into the repo's data/corpus on the GPU machine, else the shared folder
 CARRIED = os.path.join(ROOT, "data", "corpus")
 SHARDS = CARRIED if os.path.isdir(CARRIED) else os.path.join(ROOT, "..", "shared", "data", "corpus")
-
-
-def run(*args, timeout=1200):
-    """Run a command from the repo root; fail the test with its output's tail if it fails."""
-    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result
 
 
 @pytest.fixture(scope="session")
@@ -48,15 +40,6 @@ def minipile_flags(corpus, init, proj, **overrides):
                  enable_progress_bar=False, random_seed=0)
     flags.update(overrides)
     return [a for k, v in flags.items() for a in (f"--{k}", str(v))]
-
-
-def run_steps(tmp_path, name, steps, flags):
-    """Per-step losses (mean over ranks) of `steps` steps of train.py's path with `flags`."""
-    import json
-    out = os.path.join(tmp_path, f"{name}.json")
-    run("tests/run_steps.py", "--steps", steps, "--out", out, "--", *flags)
-    with open(out) as f:
-        return json.load(f)
 
 
 def compare_losses(a, b, label):

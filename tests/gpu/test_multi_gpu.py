@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tests.data_helpers import check_two_ranks_stream
-from tests.gpu.conftest import SHARDS, compare_losses, minipile_flags, run, run_steps
+from tests.conftest import run, run_steps
+from tests.gpu.conftest import SHARDS, compare_losses, minipile_flags
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from tests.chains import CHAIN_NAMES, chain, chain_inputs, outputs_and_grads
-from tests.gpu.conftest import compare_losses, minipile_flags, run_steps
+from tests.conftest import run_steps
+from tests.gpu.conftest import compare_losses, minipile_flags
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
