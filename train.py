@@ -100,13 +100,19 @@ def build_trainer(cfg: TrainConfig, callbacks, max_steps=-1):
         from src import zero_grad_norm
         zero_grad_norm.install()
         bucket = cfg.ds_bucket_mb * 1000 * 1000
-        # ZeRO-2 on one GPU has nothing to communicate: copying each gradient into buckets as it arrives (on a
-        # side stream) only adds per-parameter host work to a launch-bound step (63-71 vs 52 thousand tokens/s).
-        buckets = not (cfg.world_size == 1 and cfg.strategy == "deepspeed_stage_2")
+        # ZeRO-2 reduces the gradients on the compute stream after the backward (no overlap_comm): on one GPU there
+        # is nothing to communicate and copying each gradient into a bucket as it arrives is only host work in a
+        # launch-bound step (63-71 vs 52 thousand tokens/s); on several, DeepSpeed 0.16.8's side stream reduces a
+        # gradient larger than a bucket in place and frees it before that reduction is done (NaN at step 3 with
+        # 20 M-element buckets on 2 GPUs). Several ranks keep contiguous_gradients: without it they train
+        # differently from DeepSpeed's default (tests/test_zero_buckets.py).
+        zero2 = cfg.strategy == "deepspeed_stage_2"
+        overlap_comm, contiguous_gradients = not zero2, not zero2 or cfg.world_size > 1
         strategy = DeepSpeedStrategy(stage=3 if "stage_3" in cfg.strategy else 2,
                                      offload_optimizer="offload" in cfg.strategy,
                                      allgather_bucket_size=bucket, reduce_bucket_size=bucket,
-                                     overlap_comm=buckets, contiguous_gradients=buckets)
+                                     overlap_comm=overlap_comm,
+                                     contiguous_gradients=contiguous_gradients)
     return pl.Trainer(accelerator="gpu" if cfg.accelerator == "cuda" else cfg.accelerator, devices=cfg.devices,
                       num_nodes=cfg.num_nodes, precision=precision, strategy=strategy, max_epochs=-1, max_steps=max_steps,
                       gradient_clip_val=cfg.grad_clip, callbacks=callbacks, logger=False, enable_checkpointing=False,

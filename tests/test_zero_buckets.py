@@ -1,6 +1,7 @@
-"""ZeRO-2 on one GPU runs without DeepSpeed's gradient buckets (train.build_trainer): it must train exactly as
-DeepSpeed's default bucketed setting does. Checked on CPU through DeepSpeed itself (gloo, one rank), in a
-subprocess so the process group does not outlive the test."""
+"""ZeRO-2 reduces its gradients after the backward on the compute stream, and on one GPU without DeepSpeed's
+gradient buckets (train.build_trainer): it must train exactly as DeepSpeed's default setting does. Checked on
+CPU through DeepSpeed itself (gloo, one and two ranks), in subprocesses so the process group does not outlive
+the test."""
 import json
 import os
 import sys
@@ -19,29 +20,36 @@ def zero_optimization(strategy, devices, num_nodes=1):
     return train.build_trainer(cfg, []).strategy.config["zero_optimization"]
 
 
-@pytest.mark.parametrize("strategy, devices, num_nodes, buckets", [
-    ("deepspeed_stage_2", 1, 1, False), ("deepspeed_stage_2", 2, 1, True), ("deepspeed_stage_2", 1, 2, True),
-    ("deepspeed_stage_2_offload", 1, 1, True), ("deepspeed_stage_3", 1, 1, True)])
-def test_only_zero2_on_one_gpu_goes_without_buckets(strategy, devices, num_nodes, buckets):
-    """Several GPUs keep DeepSpeed's overlap of communication with the backward pass; offload and ZeRO-3 keep
+@pytest.mark.parametrize("strategy, devices, num_nodes, overlap, contiguous", [
+    ("deepspeed_stage_2", 1, 1, False, False), ("deepspeed_stage_2", 2, 1, False, True),
+    ("deepspeed_stage_2", 1, 2, False, True), ("deepspeed_stage_2_offload", 1, 1, True, True),
+    ("deepspeed_stage_3", 1, 1, True, True)])
+def test_zero2_reduces_after_the_backward(strategy, devices, num_nodes, overlap, contiguous):
+    """ZeRO-2 without overlap_comm, and on one GPU without contiguous gradient buckets; offload and ZeRO-3 keep
     DeepSpeed's defaults."""
     zero = zero_optimization(strategy, devices, num_nodes)
-    assert (zero["overlap_comm"], zero["contiguous_gradients"]) == (buckets, buckets)
+    assert (zero["overlap_comm"], zero["contiguous_gradients"]) == (overlap, contiguous)
     assert zero["stage"] == (3 if "stage_3" in strategy else 2)
 
 
-def test_training_without_buckets_equals_deepspeed_default():
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_training_equals_deepspeed_default(ranks):
+    """Bit-identical weights to DeepSpeed's overlap_comm + contiguous_gradients after a few steps, each rank on
+    its own batches. (With two ranks, contiguous_gradients off alone moves the weights by 0.1: that is why
+    several GPUs keep it.)"""
     from tests.conftest import run
-    one_gpu, several = zero_optimization("deepspeed_stage_2", 1), zero_optimization("deepspeed_stage_2", 2)
-    assert not one_gpu["contiguous_gradients"] and several["contiguous_gradients"]
-    result = run(__file__, json.dumps([one_gpu, several]), timeout=600)
+    ours = zero_optimization("deepspeed_stage_2", ranks)
+    default = {**ours, "overlap_comm": True, "contiguous_gradients": True}
+    assert ours != default
+    result = run(__file__, json.dumps([ours, default]), str(ranks), timeout=600)
     moved = json.loads(result.stdout.strip().splitlines()[-1])
     assert moved["max_difference"] == 0.0       # bit-identical weights after the steps
     assert moved["max_change_from_init"] > 1e-3  # and the steps did train
 
 
-def train_steps(zero, steps=6):
-    """Weights of a small RWKV after `steps` ZeRO-2 steps (bf16, grad clipping) with this zero_optimization."""
+def train_steps(zero, rank, steps=6):
+    """Weights of a small RWKV after `steps` ZeRO-2 steps (bf16, grad clipping) with this zero_optimization, each
+    rank on its own batches."""
     import dataclasses
 
     import deepspeed
@@ -59,7 +67,7 @@ def train_steps(zero, steps=6):
     config = {"train_micro_batch_size_per_gpu": cfg.micro_bsz, "gradient_clipping": 1.0, "bf16": {"enabled": True},
               "zero_allow_untested_optimizer": True, "zero_optimization": zero}
     engine, *_ = deepspeed.initialize(model=model, optimizer=model.configure_optimizers(), config=config)
-    tokens = torch.Generator().manual_seed(1)
+    tokens = torch.Generator().manual_seed(1 + rank)
     for _ in range(steps):
         batch = torch.randint(0, cfg.vocab_size, (cfg.micro_bsz, cfg.ctx_len + 1), generator=tokens)
         engine.backward(engine.module.training_step((batch[:, :-1], batch[:, 1:]), 0))
@@ -67,19 +75,26 @@ def train_steps(zero, steps=6):
     return [p.detach().float() for p in engine.module.parameters()], init
 
 
-def main(zeros):
+def rank_main(rank, zeros, ranks, port):
     import deepspeed
 
     from src import zero_grad_norm
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29400 + os.getpid() % 500), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(ranks),
+                      LOCAL_RANK=str(rank))
     deepspeed.init_distributed(dist_backend="gloo")
     zero_grad_norm.install()  # as train.py does
-    (a, init), (b, _) = (train_steps(zero) for zero in zeros)
-    print(json.dumps({"max_difference": max((p - q).abs().max().item() for p, q in zip(a, b)),
-                      "max_change_from_init": max((p - q.float()).abs().max().item() for p, q in zip(a, init))}))
+    (a, init), (b, _) = (train_steps(zero, rank) for zero in zeros)
+    if rank == 0:
+        print(json.dumps({"max_difference": max((p - q).abs().max().item() for p, q in zip(a, b)),
+                          "max_change_from_init": max((p - q.float()).abs().max().item() for p, q in zip(a, init))}),
+              flush=True)
+
+
+def main(zeros, ranks):
+    import torch.multiprocessing
+    torch.multiprocessing.spawn(rank_main, args=(zeros, ranks, 29400 + os.getpid() % 500), nprocs=ranks)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    main(json.loads(sys.argv[1]))
+    main(json.loads(sys.argv[1]), int(sys.argv[2]))
