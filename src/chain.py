@@ -3,6 +3,12 @@ import torch
 import torch.nn as nn
 
 
+def compile_input(p):
+    """A tensor as compiled code takes it: a [1,1,C] parameter as a [C] view (it broadcasts the same), because
+    inductor's backward on CUDA returns such a parameter's gradient in the flat shape, which autograd refuses."""
+    return p.view(-1) if isinstance(p, nn.Parameter) and p.dim() == 3 else p
+
+
 class Chain:
     """A chain of elementwise math between two matrix products, as one named function.
 
@@ -15,10 +21,12 @@ class Chain:
         self.__name__, self.__doc__ = fn.__name__, fn.__doc__
 
     def __call__(self, *args, fused=False):
-        return self.run_compiled(*args) if fused and args[0].is_cuda else self.fn(*args)
+        # inside a compiled block, the plain form is traced into the block's own graph
+        if fused and args[0].is_cuda and not torch.compiler.is_compiling():
+            return self.run_compiled(*args)
+        return self.fn(*args)
 
     def run_compiled(self, *args):
         if self.compiled is None:
             self.compiled = torch.compile(self.fn, fullgraph=True, dynamic=False)
-        # [1,1,C] parameters go in as [C] views: the compiled backward returns gradients in the flat shape
-        return self.compiled(*(a.view(-1) if isinstance(a, nn.Parameter) and a.dim() == 3 else a for a in args))
+        return self.compiled(*(compile_input(a) for a in args))

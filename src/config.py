@@ -25,6 +25,7 @@ class ModelConfig:
     grad_cp: int = 0          # 1: recompute each block in backward
     deepspeed_checkpointing: bool = False  # use DeepSpeed's activation checkpointing (GPU + DeepSpeed only)
     fused: bool = True        # the fast forms of the loss and kernels; False: their plain PyTorch twins
+    compile_blocks: bool = False  # fused CUDA training: each block's forward and backward compiled whole
 
     def __post_init__(self):
         if self.dim_att <= 0:
@@ -116,6 +117,7 @@ class TrainConfig:
     strategy: str = "auto"
     enable_progress_bar: bool = True
     fused: int = 1                # 0: plain PyTorch twins of the fused pieces (for checking them)
+    compile_blocks: int = 0       # 1: on the fused path, compile whole blocks, not only the elementwise chains (faster; README)
     val_data: str = ""            # held-out binidx prefix or jsonl(.zst): validation loss after every mini-epoch
     val_tokens: int = 1_000_000   # how many of its tokens to score
 
@@ -134,7 +136,8 @@ class TrainConfig:
     def model_config(self) -> ModelConfig:
         return ModelConfig(n_layer=self.n_layer, n_embd=self.n_embd, vocab_size=self.vocab_size,
                            head_size=self.head_size, dim_att=self.dim_att, dim_ffn=self.dim_ffn, grad_cp=self.grad_cp,
-                           fused=self.fused == 1, deepspeed_checkpointing=self.uses_deepspeed and self.accelerator == "gpu")
+                           fused=self.fused == 1, compile_blocks=self.compile_blocks == 1,
+                           deepspeed_checkpointing=self.uses_deepspeed and self.accelerator == "gpu")
 
     def optim_config(self) -> OptimConfig:
         optimizer = "torch"
@@ -166,6 +169,9 @@ class TrainConfig:
             raise ConfigError(f"--lr_init {self.lr_init} and --lr_final {self.lr_final} must be > 0")
         if self.uses_deepspeed and self.strategy not in DEEPSPEED_STRATEGIES:
             raise ConfigError(f"--strategy {self.strategy}: this recipe builds {', '.join(DEEPSPEED_STRATEGIES)}")
+        if self.compile_blocks and self.strategy == "deepspeed_stage_3":
+            raise ConfigError("--compile_blocks 1 is not built for --strategy deepspeed_stage_3 (ZeRO-3 gathers the "
+                              "parameters in module hooks); use --compile_blocks 0 or deepspeed_stage_2")
         if self.train_stage >= 2 and self.uses_deepspeed and self.accelerator == "cpu":
             raise ConfigError(f"--strategy {self.strategy} needs GPUs; on CPU train with --strategy auto")
         if self.data_type == "jsonl" and self.epoch_steps < 1:

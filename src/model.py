@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from src.chain import Chain
+from src.chain import Chain, compile_input
 from src.config import ModelConfig, OptimConfig
 from src.head_loss import head_loss_chunked, head_loss_reference
 from src.wkv7 import wkv7, wkv7_torch
@@ -74,7 +74,7 @@ def ortho_(matrix, scale):
 class TimeMix(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
-        self.layer_id = layer_id
+        self.first = layer_id == 0
         self.n_head, self.head_size = cfg.n_head, cfg.head_size
         self.fused = cfg.fused
         self.kernel = "chunked" if cfg.fused else "sequential"   # the plain path runs the reference's design
@@ -129,7 +129,7 @@ class TimeMix(nn.Module):
         r = self.receptance(xr).view(B, T, H, N)
         k = self.key(xk)
         v = self.value(xv)
-        if self.layer_id == 0:
+        if self.first:
             v_first, v_lora = v, None
         else:
             v_lora = (xv @ self.v1) @ self.v2
@@ -162,12 +162,34 @@ class ChannelMix(nn.Module):
         return self.value(relu_square(k, fused=fused))
 
 
+def train_block(block, x, v_first):
+    """One block's training forward from a zero state: (x, v_first)."""
+    return block(x, v_first)[:2]
+
+
+class CompiledBlock:
+    """train_block compiled whole by torch.compile: one graph for block 0 and one shared by the others (the guards
+    see only `first`), the wkv7 kernels inside as custom ops, the chains traced into the block's graph. The
+    [1,1,C] parameters go in through functional_call as compile_input views."""
+
+    def __init__(self, backend="inductor"):
+        self.compiled = torch.compile(self._train_block, fullgraph=True, dynamic=False, backend=backend)
+
+    @staticmethod
+    def _train_block(block, vectors, x, v_first):
+        return torch.func.functional_call(block, vectors, (x, v_first))[:2]
+
+    def __call__(self, block, x, v_first):
+        vectors = {name: compile_input(p) for name, p in block.named_parameters() if p.dim() == 3}
+        return self.compiled(block, vectors, x, v_first)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
-        self.layer_id = layer_id
+        self.first = layer_id == 0   # a bool, so that a compiled block's guards tell only block 0 from the others
         C = cfg.n_embd
-        if layer_id == 0:
+        if self.first:
             self.ln0 = nn.LayerNorm(C)
         self.ln1 = nn.LayerNorm(C)
         self.ln2 = nn.LayerNorm(C)
@@ -176,7 +198,7 @@ class Block(nn.Module):
 
     def forward(self, x, v_first, state=None):
         """state: None for training, else (att x_prev, att WKV state, ffn x_prev); returns the next state too."""
-        if self.layer_id == 0:
+        if self.first:
             x = self.ln0(x)
         x_att = self.ln1(x)
         dx, v_first, att_state = self.att(x_att, v_first, None if state is None else state[:2])
@@ -197,6 +219,7 @@ class RWKV(pl.LightningModule):
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.ln_out = nn.LayerNorm(C)
         self.head = nn.Linear(C, V, bias=False)
+        self._compiled_block = None
 
     def forward(self, idx):
         """Logits [B,T,V] for token ids [B,T], from a zero state (evaluation)."""
@@ -206,12 +229,21 @@ class RWKV(pl.LightningModule):
         """ln_out of the last block's output, [B,T,C]: what the head reads."""
         x = self.emb(idx)
         v_first = torch.empty_like(x)   # set by block 0
+        run_block = self._block_runner(x)
         for block in self.blocks:
             if self.cfg.grad_cp and self.training:
-                x, v_first = self._checkpointed(block, x, v_first)
+                x, v_first = self._checkpointed(run_block, block, x, v_first)
             else:
-                x, v_first, _ = block(x, v_first)
+                x, v_first = run_block(block, x, v_first)
         return self.ln_out(x)
+
+    def _block_runner(self, x):
+        """train_block, compiled whole on the fused CUDA training path (CompiledBlock)."""
+        if not (self.training and self.cfg.fused and self.cfg.compile_blocks and x.is_cuda):
+            return train_block
+        if self._compiled_block is None:
+            self._compiled_block = CompiledBlock()
+        return self._compiled_block
 
     def zero_state(self, batch_size):
         C, H, N = self.cfg.n_embd, self.cfg.n_head, self.cfg.head_size
@@ -231,9 +263,9 @@ class RWKV(pl.LightningModule):
             next_state.append(block_state)
         return self.head(self.ln_out(x)), next_state
 
-    def _checkpointed(self, block, x, v_first):
+    def _checkpointed(self, run_block, block, x, v_first):
         def run(x, v_first):
-            return block(x, v_first)[:2]
+            return run_block(block, x, v_first)
         if self.cfg.deepspeed_checkpointing:
             import deepspeed
             return deepspeed.checkpointing.checkpoint(run, x, v_first)
@@ -255,7 +287,7 @@ class RWKV(pl.LightningModule):
         nn.init.uniform_(self.emb.weight, a=-1e-4, b=1e-4)
         ortho_(self.head.weight, 0.5)   # gain 0.5 * sqrt(V/C) when V > C
         for block in self.blocks:
-            for ln in [block.ln1, block.ln2] + ([block.ln0] if block.layer_id == 0 else []):
+            for ln in [block.ln1, block.ln2] + ([block.ln0] if block.first else []):
                 nn.init.ones_(ln.weight)
                 nn.init.zeros_(ln.bias)
             nn.init.zeros_(block.att.output.weight)

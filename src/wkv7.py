@@ -145,28 +145,65 @@ def _raise_on(ops, status, what):
         raise RuntimeError(f"wkv7: CUDA {what} launch failed: {ops.error_string(err)}")
 
 
-class WKV7Function(torch.autograd.Function):
-    """y = WKV7(r, w, k, v, z, b) on CUDA; bf16 contiguous [B,T,H,N] with T % CHUNK_LEN == 0."""
+# The kernels as torch.library custom ops, so that torch.compile traces a whole block through them (the fake
+# implementations give the output shapes without running anything) and autograd reaches the backward kernel.
 
-    @staticmethod
-    def forward(ctx, r, w, k, v, z, b, kernel="chunked"):
-        _check_kernel_inputs(r, w, k, v, z, b)
-        ops = _load_ops(r.shape[-1])
-        chunked = kernel == "chunked"
-        y, sa, states, status = ops.forward(chunked, r, w, k, v, z, b, torch.cuda.current_stream(r.device).cuda_stream)
-        _raise_on(ops, status, "forward")
-        ctx.chunked = chunked
-        ctx.save_for_backward(r, w, k, v, z, b, sa, states)
-        return y
+@torch.library.custom_op("rwkv7::wkv7_forward", mutates_args=(), device_types="cuda")
+def wkv7_forward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, z: torch.Tensor,
+                 b: torch.Tensor, chunked: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (bf16), and for the backward sa = S_{t-1} z_t (fp32 [B,T,H,N]) and the state after every chunk
+    (fp32 [B,H,T/16,N,N])."""
+    _check_kernel_inputs(r, w, k, v, z, b)
+    ops = _load_ops(r.shape[-1])
+    y, sa, states, status = ops.forward(chunked, r, w, k, v, z, b, torch.cuda.current_stream(r.device).cuda_stream)
+    _raise_on(ops, status, "forward")
+    return y, sa, states
 
-    @staticmethod
-    def backward(ctx, dy):
-        r, w, k, v, z, b, sa, states = ctx.saved_tensors
-        ops = _load_ops(r.shape[-1])
-        *grads, status = ops.backward(ctx.chunked, r, w, k, v, z, b, dy.to(torch.bfloat16).contiguous(), sa, states,
-                                      torch.cuda.current_stream(r.device).cuda_stream)
-        _raise_on(ops, status, "backward")
-        return (*grads, None)
+
+@wkv7_forward.register_fake
+def _(r, w, k, v, z, b, chunked):
+    B, T, H, N = r.shape
+    return torch.empty_like(r), r.new_empty(r.shape, dtype=torch.float32), \
+        r.new_empty((B, H, T // CHUNK_LEN, N, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("rwkv7::wkv7_backward", mutates_args=(), device_types="cuda")
+def wkv7_backward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, z: torch.Tensor,
+                  b: torch.Tensor, dy: torch.Tensor, sa: torch.Tensor, states: torch.Tensor,
+                  chunked: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]:
+    """dr, dw, dk, dv, dz, db (bf16) from the forward's inputs and buffers and dy (bf16, contiguous)."""
+    ops = _load_ops(r.shape[-1])
+    *grads, status = ops.backward(chunked, r, w, k, v, z, b, dy, sa, states,
+                                  torch.cuda.current_stream(r.device).cuda_stream)
+    _raise_on(ops, status, "backward")
+    return tuple(grads)
+
+
+@wkv7_backward.register_fake
+def _(r, w, k, v, z, b, dy, sa, states, chunked):
+    return tuple(torch.empty_like(r) for _ in range(6))
+
+
+def _save_for_backward(ctx, inputs, output):
+    *xs, chunked = inputs
+    _, sa, states = output
+    ctx.chunked = chunked
+    ctx.save_for_backward(*xs, sa, states)
+
+
+def _backward(ctx, dy, _dsa, _dstates):
+    *xs, sa, states = ctx.saved_tensors
+    return (*wkv7_backward(*xs, dy.to(torch.bfloat16).contiguous(), sa, states, ctx.chunked), None)
+
+
+wkv7_forward.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+def wkv7_kernel(r, w, k, v, z, b, kernel="chunked"):
+    """y = WKV7(r, w, k, v, z, b) on CUDA through the kernel `kernel`; bf16 contiguous [B,T,H,N] with
+    T % CHUNK_LEN == 0."""
+    return wkv7_forward(r, w, k, v, z, b, kernel == "chunked")[0]
 
 
 def wkv7_cuda(r, w, k, v, z, b, kernel="chunked"):
@@ -185,7 +222,7 @@ def wkv7_cuda(r, w, k, v, z, b, kernel="chunked"):
         if pad:
             x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
         xs.append(x.contiguous())
-    y = WKV7Function.apply(*xs, kernel)
+    y = wkv7_kernel(*xs, kernel)
     if pad:
         y = y[:, :T]
     return y.to(r.dtype)

@@ -178,6 +178,7 @@ def test_bad_inputs_are_refused_before_any_model(binidx_data, tmp_path, monkeypa
         (["--my_testing", "x060"], r"x070"),
         (["--data_type", "text"], r"--data_type"),
         (["--strategy", "deepspeed_stage_1"], r"deepspeed_stage_1.*deepspeed_stage_2"),
+        (["--strategy", "deepspeed_stage_3", "--compile_blocks", "1"], r"--compile_blocks 0"),
     ]
     for extra, pattern in cases:
         message = run_main(binidx_argv(proj, binidx_data, *extra), monkeypatch)

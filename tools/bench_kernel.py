@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from src.wkv7 import KERNELS, WKV7Function, _load_ops, wkv7_torch  # noqa: E402
+from src.wkv7 import KERNELS, wkv7_kernel, _load_ops, wkv7_torch  # noqa: E402
 
 SHAPES = [(16, 512, 12, 64), (24, 4096, 16, 64)]
 DECAYS = ["model", "fast", "slow"]
@@ -66,7 +66,7 @@ def oracle(xs, dy):
 
 def kernel_outputs(xs, dy, kernel):
     leaves = [x.detach().requires_grad_() for x in xs]
-    y = WKV7Function.apply(*leaves, kernel)
+    y = wkv7_kernel(*leaves, kernel)
     return [y.detach()] + list(torch.autograd.grad(y, leaves, dy))
 
 
@@ -80,11 +80,11 @@ def timings(xs, dy, kernel):
     leaves = [x.detach().requires_grad_() for x in xs]
 
     def fwd_bwd():
-        torch.autograd.grad(WKV7Function.apply(*leaves, kernel), leaves, dy)
+        torch.autograd.grad(wkv7_kernel(*leaves, kernel), leaves, dy)
 
     def fwd():
         with torch.no_grad():
-            WKV7Function.apply(*xs, kernel)
+            wkv7_kernel(*xs, kernel)
 
     return time_ms(fwd_bwd), time_ms(fwd)
 
@@ -95,7 +95,7 @@ def kernel_breakdown(xs, dy, kernel):
     leaves = [x.detach().requires_grad_() for x in xs]
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        torch.autograd.grad(WKV7Function.apply(*leaves, kernel), leaves, dy)
+        torch.autograd.grad(wkv7_kernel(*leaves, kernel), leaves, dy)
         torch.cuda.synchronize()
     out = {}
     for ev in prof.key_averages():

@@ -117,6 +117,7 @@ def main(argv=None):
     parser.add_argument("--strategy", default="deepspeed_stage_2")
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--fused", type=int, default=1, help="0: the plain path (sequential kernel, eager, full logits)")
+    parser.add_argument("--compile_blocks", type=int, default=0, help="1: compile whole blocks (train.py's flag)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median")
     parser.add_argument("--profile", action="store_true", help="print cProfile and torch.profiler tables of 3 steps each (their steps are slower)")
@@ -129,7 +130,8 @@ def main(argv=None):
         cfg = TrainConfig(**preset, proj_dir=proj_dir, grad_cp=args.grad_cp, devices=args.devices, accelerator=args.accelerator,
                           strategy=args.strategy, precision=args.precision, ds_bucket_mb=200, vocab_size=65536,
                           epoch_steps=args.steps, epoch_count=1000, warmup_steps=10, lr_init=6e-4, lr_final=6e-5,
-                          weight_decay=0.001, enable_progress_bar=False, random_seed=0, fused=args.fused)
+                          weight_decay=0.001, enable_progress_bar=False, random_seed=0, fused=args.fused,
+                          compile_blocks=args.compile_blocks)
         cfg.validate()
         model = RWKV(cfg.model_config(), cfg.optim_config())
         model.init_weights()
@@ -143,7 +145,8 @@ def main(argv=None):
     tokens_per_s = cfg.real_bsz * cfg.ctx_len / step_s
     gpu = torch.cuda.is_available() and args.accelerator != "cpu"
     result = dict(preset=args.preset, n_layer=cfg.n_layer, n_embd=cfg.n_embd, ctx_len=cfg.ctx_len,
-                  micro_bsz=cfg.micro_bsz, devices=args.devices, grad_cp=args.grad_cp, fused=args.fused, strategy=args.strategy,
+                  micro_bsz=cfg.micro_bsz, devices=args.devices, grad_cp=args.grad_cp, fused=args.fused,
+                  compile_blocks=cfg.model_config().compile_blocks, strategy=args.strategy,
                   precision=args.precision, steps=args.steps, step_ms=round(step_s * 1000, 2),
                   tokens_per_s=round(tokens_per_s),
                   mfu=round(6 * matmul_params(model) * tokens_per_s / (PEAK_FLOPS * args.devices), 4),

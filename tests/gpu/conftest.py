@@ -49,6 +49,8 @@ def compare_losses(a, b, label):
     assert len(a) == len(b) and len(a) > 0
     diff = np.abs(a - b)
     tail = diff[-max(1, len(diff) // 4):]
-    print(f"\n{label}: {len(a)} steps, mean |diff| {diff.mean():.5f}, last quarter {tail.mean():.5f}, "
-          f"max {diff.max():.4f}; first loss {a[0]:.4f} / {b[0]:.4f}, last {a[-1]:.4f} / {b[-1]:.4f}")
+    signed_tail = (a - b)[-len(tail):].mean()   # a bias shows here, noise averages out
+    print(f"\n{label}: {len(a)} steps, mean |diff| {diff.mean():.5f}, last quarter {tail.mean():.5f} "
+          f"(signed {signed_tail:+.5f}), max {diff.max():.4f}; first loss {a[0]:.4f} / {b[0]:.4f}, "
+          f"last {a[-1]:.4f} / {b[-1]:.4f}")
     return diff.mean(), tail.mean()
