@@ -100,14 +100,14 @@ def build_trainer(cfg: TrainConfig, callbacks, max_steps=-1):
         from src import zero_grad_norm
         zero_grad_norm.install()
         bucket = cfg.ds_bucket_mb * 1000 * 1000
-        # ZeRO-2 reduces the gradients on the compute stream after the backward (no overlap_comm): on one GPU there
-        # is nothing to communicate and copying each gradient into a bucket as it arrives is only host work in a
-        # launch-bound step (63-71 vs 52 thousand tokens/s); on several, DeepSpeed 0.16.8's side stream reduces a
-        # gradient larger than a bucket in place and frees it before that reduction is done (NaN at step 3 with
-        # 20 M-element buckets on 2 GPUs). Several ranks keep contiguous_gradients: without it they train
-        # differently from DeepSpeed's default (tests/test_zero_buckets.py).
-        zero2 = cfg.strategy == "deepspeed_stage_2"
-        overlap_comm, contiguous_gradients = not zero2, not zero2 or cfg.world_size > 1
+        # ZeRO-2 (offload too) reduces the gradients on the compute stream after the backward (no overlap_comm):
+        # DeepSpeed 0.16.8's side stream reduces a gradient larger than a bucket in place and frees it before that
+        # reduction is done (NaN at step 3 with 20 M-element buckets on 2 GPUs). On one GPU plain ZeRO-2 also skips
+        # the contiguous gradient buckets: there is nothing to communicate, and copying each gradient into a bucket
+        # as it arrives is only host work in a launch-bound step (63-71 vs 52 thousand tokens/s). Several ranks
+        # keep them: without, they train differently from DeepSpeed's default (tests/test_zero_buckets.py).
+        overlap_comm = "stage_2" not in cfg.strategy
+        contiguous_gradients = cfg.strategy != "deepspeed_stage_2" or cfg.world_size > 1
         strategy = DeepSpeedStrategy(stage=3 if "stage_3" in cfg.strategy else 2,
                                      offload_optimizer="offload" in cfg.strategy,
                                      allgather_bucket_size=bucket, reduce_bucket_size=bucket,

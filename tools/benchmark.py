@@ -70,8 +70,10 @@ class HostProfiler(pl.Callback):
             import pstats
             self.profiler.disable()
             if trainer.is_global_zero:
-                print(f"host profile of {self.count} steps:")
-                pstats.Stats(self.profiler, stream=sys.stdout).sort_stats("tottime").print_stats(30)
+                stats = pstats.Stats(self.profiler, stream=sys.stdout)
+                for order in ("tottime", "cumulative"):
+                    print(f"host profile of {self.count} steps, by {order}:")
+                    stats.sort_stats(order).print_stats(30)
 
 
 class StepProfiler(pl.Callback):
@@ -95,7 +97,9 @@ class StepProfiler(pl.Callback):
                 events = self.profiler.key_averages()
                 print(f"profile of {self.count} steps:\n" + events.table(
                     sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total", row_limit=30, max_name_column_width=60))
-                kernels = [e for e in self.profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                # kernels only: NCCL's calls also appear as GPU annotations spanning their kernels
+                kernels = [e for e in self.profiler.events()
+                           if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
                 syncs = {e.key: e.count // self.count for e in events
                          if "Synchronize" in e.key or e.key in ("aten::_local_scalar_dense", "cudaMemcpyAsync")}
                 print(f"per step: {len(kernels) // self.count} GPU kernels, "
