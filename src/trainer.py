@@ -115,6 +115,11 @@ class TrainCallback(pl.Callback):
         self.loss_sum += loss
         self.loss_count += 1
         values = torch.stack((loss.float(), (self.loss_sum / self.loss_count).float()))
+        if trainer.world_size > 1:
+            # the logged losses are the means over ranks; queued on the GPU, the host does not wait for it
+            # (Lightning's strategy.reduce would add a barrier that does)
+            torch.distributed.all_reduce(values)
+            values /= trainer.world_size
         self.pending.append((*copy_to_host(values), trainer.global_step, self.cfg.epoch_begin + trainer.current_epoch))
         # on CUDA the host reads each loss one step late, so it never waits for the step it has just queued
         self.report_losses(trainer, pl_module, keep=1 if loss.is_cuda else 0, in_step=True)

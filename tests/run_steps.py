@@ -57,7 +57,9 @@ def main():
     if trainer.is_global_zero:
         peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
         with open(args.out, "w") as f:
-            json.dump({"losses": recorder.losses, "peak_mem_gb": peak, "world_size": trainer.world_size}, f)
+            # logged_loss: what the progress bar last showed (the mini-epoch's running mean, as TrainCallback logs it)
+            json.dump({"losses": recorder.losses, "logged_loss": float(trainer.progress_bar_metrics["loss"]),
+                       "peak_mem_gb": peak, "world_size": trainer.world_size}, f)
 
 
 if __name__ == "__main__":

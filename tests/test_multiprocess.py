@@ -17,11 +17,14 @@ def losses(tmp_path, name, data, devices, micro_bsz, steps=4):
 
 def test_two_processes_match_one(byte_data, tmp_path):
     """2 ranks x micro_bsz 8 read exactly the samples of 1 rank x 16 (the sampler interleaves ranks), and the
-    reported loss is the mean over ranks: the per-step losses agree."""
+    logged loss is the mean over ranks: the per-step losses agree."""
     one = losses(tmp_path, "one", byte_data, 1, 16)
     two = losses(tmp_path, "two", byte_data, 2, 8)
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["losses"] == pytest.approx(one["losses"], abs=1e-4)
+    # what the run itself logs is the mean over ranks too (the progress bar's running mean; wandb's per-step loss)
+    assert one["logged_loss"] == pytest.approx(sum(one["losses"]) / len(one["losses"]), abs=1e-5)
+    assert two["logged_loss"] == pytest.approx(one["logged_loss"], abs=1e-4)
     assert one["losses"][-1] < one["losses"][0]
 
 
