@@ -220,17 +220,20 @@ def test_checkpoint_of_another_shape(binidx_data, tmp_path, monkeypatch):
     assert torch.all(state["blocks.0.att.r_k"] == 0)   # taken from the init
 
 
-def test_nan_loss_stops_the_run_and_saves_nothing(binidx_data, tmp_path):
+@pytest.mark.parametrize("devices", [1, 2])
+def test_nan_loss_stops_the_run_and_saves_nothing(binidx_data, tmp_path, devices):
+    """Every rank stops at the same step with the error (no rank is left waiting in a collective)."""
     proj = tmp_path / "run"
     train.main(binidx_argv(proj, binidx_data, "--train_stage", "1"))
     state = torch.load(proj / "rwkv-init.pth", weights_only=True)
     state["head.weight"][3, 5] = float("nan")
     torch.save(state, proj / "rwkv-init.pth")   # a poisoned start, so the very first loss is NaN
-    prefix, magic_prime = binidx_data
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *map(str, binidx_argv(proj, binidx_data))],
-                            capture_output=True, text=True)
+    ranks = ["--devices", devices, "--strategy", "ddp" if devices > 1 else "auto"]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *binidx_argv(proj, binidx_data, *ranks)],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert re.search(r"loss became nan at step 0 \(mini-epoch 0\).*rwkv-init\.pth", result.stderr, re.S), result.stderr[-2000:]
+    assert result.stderr.count("loss became nan at step 0") == devices   # each rank's own error
     assert sorted(n for n in os.listdir(proj) if n.endswith(".pth")) == ["rwkv-init.pth"]
 
 
