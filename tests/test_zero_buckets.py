@@ -1,7 +1,7 @@
-"""ZeRO-2 reduces its gradients after the backward on the compute stream, and on one GPU without DeepSpeed's
-gradient buckets (train.build_trainer): it must train exactly as DeepSpeed's default setting does. Checked on
-CPU through DeepSpeed itself (gloo, one and two ranks), in subprocesses so the process group does not outlive
-the test."""
+"""ZeRO-2 (offload too) reduces its gradients after the backward on the compute stream, and plain ZeRO-2 on one
+GPU without DeepSpeed's gradient buckets (train.build_trainer): it must train exactly as DeepSpeed's default
+setting does. Checked on CPU through DeepSpeed itself (gloo, one and two ranks), in subprocesses so the process
+group does not outlive the test."""
 import json
 import os
 import sys

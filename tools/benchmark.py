@@ -150,7 +150,7 @@ def main(argv=None):
     gpu = torch.cuda.is_available() and args.accelerator != "cpu"
     result = dict(preset=args.preset, n_layer=cfg.n_layer, n_embd=cfg.n_embd, ctx_len=cfg.ctx_len,
                   micro_bsz=cfg.micro_bsz, devices=args.devices, grad_cp=args.grad_cp, fused=args.fused,
-                  compile_blocks=cfg.model_config().compile_blocks, strategy=args.strategy,
+                  compile_blocks=model.cfg.compile_blocks, strategy=args.strategy,
                   precision=args.precision, steps=args.steps, step_ms=round(step_s * 1000, 2),
                   tokens_per_s=round(tokens_per_s),
                   mfu=round(6 * matmul_params(model) * tokens_per_s / (PEAK_FLOPS * args.devices), 4),
