@@ -91,6 +91,10 @@ def load_start_weights(cfg: TrainConfig):
 def build_trainer(cfg: TrainConfig, callbacks, max_steps=-1):
     import pytorch_lightning as pl
     import torch
+    from src.trainer import ProgressBar, TrainCallback
+    train_callbacks = [c for c in callbacks if isinstance(c, TrainCallback)]
+    if cfg.enable_progress_bar and train_callbacks:   # the bar shows its lr, loss and Kt/s
+        callbacks = callbacks + [ProgressBar(train_callbacks[0])]
     precision, allow_tf32 = resolve_precision(cfg)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
     strategy = cfg.strategy

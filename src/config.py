@@ -23,9 +23,10 @@ class ModelConfig:
     dim_att: int = 0          # 0 means n_embd
     dim_ffn: int = 0          # 0 means 4 * n_embd
     grad_cp: int = 0          # 1: recompute each block in backward
-    deepspeed_checkpointing: bool = False  # use DeepSpeed's activation checkpointing (GPU + DeepSpeed only)
+    deepspeed_checkpointing: bool = False  # DeepSpeed's (reentrant) activation checkpointing; GPU + DeepSpeed, eager
     fused: bool = True        # the fast forms of the loss and kernels; False: their plain PyTorch twins
     compile_blocks: bool = False  # fused CUDA training: each block's forward and backward compiled whole
+    cuda_graph: bool = False  # fused CUDA training: the blocks' forward and backward replayed as CUDA graphs
 
     def __post_init__(self):
         if self.dim_att <= 0:
@@ -118,6 +119,7 @@ class TrainConfig:
     enable_progress_bar: bool = True
     fused: int = 1                # 0: plain PyTorch twins of the fused pieces (for checking them)
     compile_blocks: int = 0       # 1: on the fused path, compile whole blocks, not only the elementwise chains (faster; README)
+    cuda_graph: int = 1           # 1: on the fused GPU path, replay the blocks as CUDA graphs (not with ZeRO-3; README)
     val_data: str = ""            # held-out binidx prefix or jsonl(.zst): validation loss after every mini-epoch
     val_tokens: int = 1_000_000   # how many of its tokens to score
 
@@ -134,10 +136,12 @@ class TrainConfig:
         return self.strategy.startswith("deepspeed")
 
     def model_config(self) -> ModelConfig:
+        # ZeRO-3 gathers each parameter into new memory at every use: nothing for a recorded graph to read
+        cuda_graph = self.cuda_graph == 1 and self.strategy != "deepspeed_stage_3"
         return ModelConfig(n_layer=self.n_layer, n_embd=self.n_embd, vocab_size=self.vocab_size,
                            head_size=self.head_size, dim_att=self.dim_att, dim_ffn=self.dim_ffn, grad_cp=self.grad_cp,
-                           fused=self.fused == 1, compile_blocks=self.compile_blocks == 1,
-                           deepspeed_checkpointing=self.uses_deepspeed and self.accelerator == "gpu")
+                           fused=self.fused == 1, compile_blocks=self.compile_blocks == 1, cuda_graph=cuda_graph,
+                           deepspeed_checkpointing=self.uses_deepspeed and self.accelerator == "gpu" and not cuda_graph)
 
     def optim_config(self) -> OptimConfig:
         optimizer = "torch"

@@ -9,6 +9,7 @@ import torch.utils.checkpoint
 
 from src.chain import Chain, compile_input
 from src.config import ModelConfig, OptimConfig
+from src.cuda_graph import GraphedFunction
 from src.head_loss import head_loss_chunked, head_loss_reference
 from src.wkv7 import wkv7, wkv7_torch
 
@@ -220,6 +221,7 @@ class RWKV(pl.LightningModule):
         self.ln_out = nn.LayerNorm(C)
         self.head = nn.Linear(C, V, bias=False)
         self._compiled_block = None
+        self._graphed = None
 
     def forward(self, idx):
         """Logits [B,T,V] for token ids [B,T], from a zero state (evaluation)."""
@@ -228,6 +230,11 @@ class RWKV(pl.LightningModule):
     def hidden(self, idx):
         """ln_out of the last block's output, [B,T,C]: what the head reads."""
         x = self.emb(idx)
+        if self._replays_cuda_graphs(x):
+            return self._graphed_blocks(x)
+        return self.blocks_and_ln_out(x)
+
+    def blocks_and_ln_out(self, x):
         v_first = torch.empty_like(x)   # set by block 0
         run_block = self._block_runner(x)
         for block in self.blocks:
@@ -244,6 +251,19 @@ class RWKV(pl.LightningModule):
         if self._compiled_block is None:
             self._compiled_block = CompiledBlock()
         return self._compiled_block
+
+    def _replays_cuda_graphs(self, x):
+        """The fused CUDA training path replays the blocks as CUDA graphs (src/cuda_graph.py). Not under autocast
+        (Lightning's bf16 without DeepSpeed): its cache of cast weights would be freed inside a recording."""
+        return (self.training and self.cfg.fused and self.cfg.cuda_graph and x.is_cuda and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cuda"))
+
+    def _graphed_blocks(self, x):
+        if self._graphed is None or not self._graphed.fits(x):
+            self._graphed = None   # frees the old recording's memory first
+            names = [n for n, _ in self.named_parameters() if n.startswith(("blocks.", "ln_out."))]
+            self._graphed = GraphedFunction(self.blocks_and_ln_out, self, names, x)
+        return self._graphed(x)
 
     def zero_state(self, batch_size):
         C, H, N = self.cfg.n_embd, self.cfg.n_head, self.cfg.head_size
@@ -269,7 +289,8 @@ class RWKV(pl.LightningModule):
         if self.cfg.deepspeed_checkpointing:
             import deepspeed
             return deepspeed.checkpointing.checkpoint(run, x, v_first)
-        return torch.utils.checkpoint.checkpoint(run, x, v_first, use_reentrant=False)
+        # the model draws no random numbers: nothing to restore for the recomputation (nor to read while recording)
+        return torch.utils.checkpoint.checkpoint(run, x, v_first, use_reentrant=False, preserve_rng_state=False)
 
     def on_train_batch_start(self, batch, batch_idx):
         # the LR schedule ends the run before a step once its progress reaches 1 (RECIPE.md section 6)

@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
 
 from src.checkpoint import numbered_checkpoints, save_atomic
 from src.config import TrainConfig
@@ -58,6 +59,18 @@ def copy_to_host(values):
     return host, ready
 
 
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar showing TrainCallback's host-side values: self.log would copy each value to the GPU and wait
+    for it there, so that every step would end with the host waiting for the GPU to finish it."""
+
+    def __init__(self, train_callback):
+        super().__init__()
+        self.train_callback = train_callback
+
+    def get_metrics(self, trainer, pl_module):
+        return {**super().get_metrics(trainer, pl_module), **self.train_callback.shown}
+
+
 class TrainCallback(pl.Callback):
     """Sets lr and weight decay before every step, keeps the mini-epoch loss, writes train_log.txt, wandb and
     the checkpoints, and stops the run when the schedule's progress reaches 1."""
@@ -68,6 +81,7 @@ class TrainCallback(pl.Callback):
         self.log_file = None
         self.wandb = None
         self.pending = []   # (losses on the host, their copy's CUDA event or None, steps done, mini-epoch)
+        self.shown = {}     # what the progress bar shows: lr, the mini-epoch's running mean loss, Kt/s
 
     def on_train_start(self, trainer, pl_module):
         if trainer.is_global_zero:
@@ -122,11 +136,10 @@ class TrainCallback(pl.Callback):
             values /= trainer.world_size
         self.pending.append((*copy_to_host(values), trainer.global_step, self.cfg.epoch_begin + trainer.current_epoch))
         # on CUDA the host reads each loss one step late, so it never waits for the step it has just queued
-        self.report_losses(trainer, pl_module, keep=1 if loss.is_cuda else 0, in_step=True)
+        self.report_losses(trainer, pl_module, keep=1 if loss.is_cuda else 0)
 
-    def report_losses(self, trainer, pl_module, keep=0, in_step=False):
-        """Check the queued step losses but the last `keep`: stop on NaN; wandb, and the progress bar in_step
-        (Lightning takes self.log only inside a step's hooks)."""
+    def report_losses(self, trainer, pl_module, keep=0):
+        """Check the queued step losses but the last `keep`: stop on NaN; the progress bar's values and wandb."""
         while len(self.pending) > keep:
             values, ready, steps_done, epoch = self.pending.pop(0)
             if ready is not None:
@@ -141,10 +154,7 @@ class TrainCallback(pl.Callback):
             now = time.time()
             kt_s = self.cfg.real_bsz * self.cfg.ctx_len / max(now - self.step_time, 1e-9) / 1000
             self.step_time = now
-            if in_step:
-                pl_module.log("lr", self.lr, prog_bar=True, on_step=True, logger=False)
-                pl_module.log("loss", mean_loss, prog_bar=True, on_step=True, logger=False)
-                pl_module.log("Kt/s", kt_s, prog_bar=True, on_step=True, logger=False)
+            self.shown = {"lr": self.lr, "loss": mean_loss, "Kt/s": kt_s}
             if self.wandb is not None:
                 real_step = steps_done + self.cfg.epoch_begin * self.cfg.epoch_steps
                 self.wandb.log({"loss": loss_value, "lr": self.lr, "wd": self.cfg.weight_decay, "kt/s": kt_s,

@@ -5,12 +5,11 @@ through an fp64 copy: three kernel launches and their Python per parameter (abou
 every step, in a step that is bound by launch overhead. grad_norm_foreach computes the same quantity,
 sqrt of the sum of the squared per-tensor norms over the data-parallel group (NaN or inf reported as -1,
 as DeepSpeed does), with torch._foreach_norm: a few launches in all, summing in fp32 where DeepSpeed sums
-in fp64 (1e-5 relative at most, immaterial for a clipping threshold). install() puts it in place of
-DeepSpeed's; other norm types and model-parallel runs keep DeepSpeed's own code.
+in fp64 (1e-5 relative at most, immaterial for a clipping threshold), and without a host sync. install()
+puts it in place of DeepSpeed's; other norm types and model-parallel runs keep DeepSpeed's own code.
 """
 import deepspeed.comm as dist
 import torch
-from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
 
 _deepspeed_grad_norm = None
 
@@ -25,9 +24,9 @@ def grad_norm_foreach(optimizer, gradients, params, norm_type=2):
         total_norm = torch.zeros((), dtype=torch.float32, device=optimizer.device)
     dist.all_reduce(total_norm, op=dist.ReduceOp.SUM, group=optimizer.dp_process_group)
     optimizer._model_parallel_all_reduce(tensor=total_norm, op=dist.ReduceOp.SUM)
-    total_norm = total_norm.sqrt()
-    mask_nan_or_inf_with_val_inplace(total_norm, device=optimizer.device)
-    return total_norm
+    # NaN or inf -> -1 as DeepSpeed's mask_nan_or_inf_with_val_inplace, which makes its -1 with torch.tensor on
+    # the GPU: a copy from pageable memory that waits for the GPU to finish the step so far (3 times a step)
+    return total_norm.sqrt().nan_to_num_(nan=-1.0, posinf=-1.0, neginf=-1.0)
 
 
 def install():

@@ -58,8 +58,9 @@ def main():
         peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
         with open(args.out, "w") as f:
             # logged_loss: what the progress bar last showed (the mini-epoch's running mean, as TrainCallback logs it)
-            json.dump({"losses": recorder.losses, "logged_loss": float(trainer.progress_bar_metrics["loss"]),
-                       "peak_mem_gb": peak, "world_size": trainer.world_size}, f)
+            json.dump({"losses": recorder.losses, "logged_loss": callbacks[0].shown["loss"],
+                       "peak_mem_gb": peak, "world_size": trainer.world_size,
+                       "cuda_graph": model._graphed is not None}, f)
 
 
 if __name__ == "__main__":

@@ -288,3 +288,31 @@ def test_compiled_chain_equals_plain(name):
         if p is not None:
             assert c.shape == p.shape
             torch.testing.assert_close(c, p, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy, flag, graphs", [
+    ("deepspeed_stage_2", 1, True), ("deepspeed_stage_2_offload", 1, True), ("deepspeed_stage_3", 1, False),
+    ("deepspeed_stage_2", 0, False), ("auto", 1, True)])
+def test_cuda_graphs_by_default_but_not_under_zero3(strategy, flag, graphs):
+    """--cuda_graph 1 (the default) records the blocks, except under ZeRO-3 (weights gathered into new memory at
+    every use); DeepSpeed's reentrant checkpointing, which a recording cannot hold, only runs without graphs."""
+    from src.config import TrainConfig
+    assert TrainConfig().cuda_graph == 1
+    cfg = TrainConfig(strategy=strategy, cuda_graph=flag).model_config()
+    assert cfg.cuda_graph == graphs
+    assert cfg.deepspeed_checkpointing == (strategy != "auto" and not graphs)
+
+
+def test_parameters_replaced_puts_the_originals_back():
+    """While the blocks are recorded they read new leaf tensors (src/cuda_graph.py); afterwards, and after an error
+    inside, the module has its own parameters again."""
+    from src.cuda_graph import parameters_replaced
+    model = make_model(L=2, C=64, head_size=16)
+    before = dict(model.named_parameters())
+    leaves = {n: torch.nn.Parameter(p.detach()) for n, p in before.items() if n.startswith(("blocks.", "ln_out."))}
+    with pytest.raises(RuntimeError), parameters_replaced(model, leaves):
+        now = dict(model.named_parameters())
+        assert all(now[n] is leaves[n] for n in leaves) and now["emb.weight"] is before["emb.weight"]
+        assert model.blocks[1].att.key.weight is leaves["blocks.1.att.key.weight"]
+        raise RuntimeError("recording failed")
+    assert all(p is before[n] for n, p in model.named_parameters())

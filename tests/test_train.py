@@ -91,8 +91,13 @@ def test_train_stage1_then_resume_and_fallback(byte_data, tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in init.values())
     check_init(init, 1, 32, VOCAB)
 
-    # one full mini-epoch, then the schedule ends at the first step of the next
-    train(proj, byte_data, "--train_stage", "3", "--precision", "32", "--my_exit_tokens", EPOCH_TOKENS)
+    # one full mini-epoch, then the schedule ends at the first step of the next; the progress bar shows the
+    # running loss, the lr and the throughput
+    result = train(proj, byte_data, "--train_stage", "3", "--precision", "32", "--my_exit_tokens", EPOCH_TOKENS,
+                   "--enable_progress_bar", "True")
+    bar = result.stdout + result.stderr
+    for value in (r"loss=\d\.\d+", r"lr=0\.0\d+", r"Kt/s=\d"):
+        assert re.search(r"8/8 \[[^\n]*" + value, bar), bar[-2000:]
     assert sorted(os.listdir(proj)) == ["data_state", "rwkv-0.pth", "rwkv-final.pth", "rwkv-init.pth", "train_log.txt"] \
         or sorted(os.listdir(proj)) == ["rwkv-0.pth", "rwkv-final.pth", "rwkv-init.pth", "train_log.txt"]
     (epoch, loss0, ppl, lr, run_epoch), = log_lines(proj)

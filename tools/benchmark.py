@@ -7,12 +7,15 @@ MFU = 6 x (parameters of every matrix multiply, head included, embedding exclude
 (the H100's dense bf16 rate).
 """
 import argparse
+import collections
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -107,6 +110,35 @@ class StepProfiler(pl.Callback):
             self.profiler = None
 
 
+class SyncReporter(pl.Callback):
+    """Lists the calls that make the host wait for the GPU during one step (torch's sync debug mode), each with
+    the last Python frames outside torch that led to it."""
+
+    def __init__(self, step):
+        self.step, self.calls, self.show = step, collections.Counter(), None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.step and pl_module.device.type == "cuda":
+            self.show, warnings.showwarning = warnings.showwarning, self.record
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def record(self, message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return self.show(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename][-3:]
+        self.calls[" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames))] += 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.step and self.show is not None:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = self.show
+            if trainer.is_global_zero:
+                print(f"host waits for the GPU in step {self.step}: {sum(self.calls.values())}")
+                for where, count in self.calls.most_common():
+                    print(f"  {count} x {where}")
+
+
 def matmul_params(model: RWKV):
     return sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n != "emb.weight" and "r_k" not in n)
 
@@ -122,9 +154,12 @@ def main(argv=None):
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--fused", type=int, default=1, help="0: the plain path (sequential kernel, eager, full logits)")
     parser.add_argument("--compile_blocks", type=int, default=0, help="1: compile whole blocks (train.py's flag)")
+    parser.add_argument("--cuda_graph", type=int, default=1, help="0: the blocks run eagerly (train.py's flag)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median")
-    parser.add_argument("--profile", action="store_true", help="print cProfile and torch.profiler tables of 3 steps each (their steps are slower)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print cProfile and torch.profiler tables of 3 steps each and the host's waits for the GPU "
+                             "in one step (their steps are slower)")
     args = parser.parse_args(argv)
 
     preset = dict(PRESETS[args.preset])
@@ -135,13 +170,14 @@ def main(argv=None):
                           strategy=args.strategy, precision=args.precision, ds_bucket_mb=200, vocab_size=65536,
                           epoch_steps=args.steps, epoch_count=1000, warmup_steps=10, lr_init=6e-4, lr_final=6e-5,
                           weight_decay=0.001, enable_progress_bar=False, random_seed=0, fused=args.fused,
-                          compile_blocks=args.compile_blocks)
+                          compile_blocks=args.compile_blocks, cuda_graph=args.cuda_graph)
         cfg.validate()
         model = RWKV(cfg.model_config(), cfg.optim_config())
         model.init_weights()
         dataset = RandomTokens(args.steps * cfg.micro_bsz, cfg.ctx_len, cfg.vocab_size)
         timer = StepTimer()
-        callbacks = [TrainCallback(cfg, dataset), timer] + ([HostProfiler(args.steps - 8), StepProfiler(args.steps - 4)] if args.profile else [])
+        profilers = [HostProfiler(args.steps - 8), StepProfiler(args.steps - 4), SyncReporter(args.steps - 10)]
+        callbacks = [TrainCallback(cfg, dataset), timer] + (profilers if args.profile else [])
         trainer = train.fit(cfg, model, dataset, callbacks, max_steps=args.steps)
     if not trainer.is_global_zero:
         return
@@ -150,11 +186,13 @@ def main(argv=None):
     gpu = torch.cuda.is_available() and args.accelerator != "cpu"
     result = dict(preset=args.preset, n_layer=cfg.n_layer, n_embd=cfg.n_embd, ctx_len=cfg.ctx_len,
                   micro_bsz=cfg.micro_bsz, devices=args.devices, grad_cp=args.grad_cp, fused=args.fused,
-                  compile_blocks=model.cfg.compile_blocks, strategy=args.strategy,
+                  compile_blocks=model.cfg.compile_blocks, cuda_graph=model._graphed is not None, strategy=args.strategy,
                   precision=args.precision, steps=args.steps, step_ms=round(step_s * 1000, 2),
                   tokens_per_s=round(tokens_per_s),
                   mfu=round(6 * matmul_params(model) * tokens_per_s / (PEAK_FLOPS * args.devices), 4),
                   peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None,
+                  # what the allocator holds besides: a CUDA graph's memory pool serves only its own replays
+                  peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 1e9, 2) if gpu else None,
                   device=torch.cuda.get_device_name() if gpu else "cpu")
     print(json.dumps(result), flush=True)
 

@@ -10,10 +10,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 
 
 def test_fused_path_matches_plain_pytorch_path(corpus_binidx, minipile_init, tmp_path):
-    """Same init, same data, 300 steps: fused (chunked kernel, chunked head loss) against the
-    plain path (sequential kernel, full-logit loss): per-step losses within 0.01, no drift."""
+    """Same init, same data, 300 steps: fused (chunked kernel, chunked head loss, blocks replayed as CUDA graphs)
+    against the plain path (sequential kernel, full-logit loss, eager): per-step losses within 0.01, no drift."""
     fused = run_steps(tmp_path, "fused", 300, minipile_flags(corpus_binidx, minipile_init, tmp_path / "a", fused=1))
     plain = run_steps(tmp_path, "plain", 300, minipile_flags(corpus_binidx, minipile_init, tmp_path / "b", fused=0))
+    assert fused["cuda_graph"] and not plain["cuda_graph"]
     mean, tail = compare_losses(fused, plain, "fused vs plain")
     print(f"peak memory: fused {fused['peak_mem_gb']:.2f} GB, plain {plain['peak_mem_gb']:.2f} GB")
     assert mean < 0.01 and tail < 0.01

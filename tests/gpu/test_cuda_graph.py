@@ -1,0 +1,82 @@
+"""GPU: the blocks replayed as CUDA graphs (--cuda_graph 1, src/cuda_graph.py) compute exactly what the same
+blocks run eagerly compute, step after step while the weights change in place, and are recorded again when the
+input shape changes or the weights move to other memory."""
+import collections
+
+import pytest
+import torch
+
+from src.config import ModelConfig
+from src.model import RWKV
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def make_model(cuda_graph, grad_cp, compile_blocks=False):
+    torch.manual_seed(0)
+    model = RWKV(ModelConfig(n_layer=3, n_embd=256, vocab_size=1000, grad_cp=grad_cp, cuda_graph=cuda_graph,
+                             compile_blocks=compile_blocks))
+    model.init_weights()
+    with torch.no_grad():   # off the init, whose zero matrices would hide a wrong gradient
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (0.1 if p.dim() < 2 else 0.02))
+    model = model.cuda().bfloat16().train()
+    # as DeepSpeed does: a hook per parameter, its gradient node made now on the default stream and kept alive
+    model.hook_calls = collections.Counter()
+    model.grad_nodes = [p.view_as(p).grad_fn.next_functions[0][0] for p in model.parameters()]
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: model.hook_calls.update([name]))
+    return model
+
+
+def train_steps(model, lengths):
+    """(loss, gradients) of SGD steps on random tokens, one per sequence length in `lengths`."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    results = []
+    for step, T in enumerate(lengths):
+        idx = torch.randint(0, 1000, (4, T), generator=torch.Generator().manual_seed(step)).cuda()
+        loss = model.training_step((idx, idx.roll(-1, 1)), step)
+        loss.backward()
+        grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        results.append((loss.detach().float(), grads))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return results
+
+
+def assert_same_steps(graphed, eager):
+    for step, ((graphed_loss, graphed_grads), (eager_loss, eager_grads)) in enumerate(zip(graphed, eager)):
+        assert torch.equal(graphed_loss, eager_loss), f"step {step}: loss {graphed_loss} vs {eager_loss}"
+        for a, b in zip(graphed_grads, eager_grads):
+            assert (a is None) == (b is None)
+            assert a is None or torch.equal(a, b), f"step {step}: gradient differs by {(a - b).abs().max()}"
+
+
+@pytest.mark.parametrize("compile_blocks", [False, True])
+@pytest.mark.parametrize("grad_cp", [0, 1])
+def test_graphed_steps_equal_eager_steps(grad_cp, compile_blocks):
+    graphed_model = make_model(True, grad_cp, compile_blocks)
+    graphed = train_steps(graphed_model, [128] * 3)
+    assert graphed_model._graphed is not None
+    eager_model = make_model(False, grad_cp, compile_blocks)
+    eager = train_steps(eager_model, [128] * 3)
+    assert eager_model._graphed is None
+    assert_same_steps(graphed, eager)
+    assert graphed_model.hook_calls == eager_model.hook_calls and max(eager_model.hook_calls.values()) == 3
+
+
+def test_recorded_again_for_a_new_shape_or_moved_weights():
+    graphed_model, eager_model = make_model(True, 1), make_model(False, 1)
+    graphed, eager = train_steps(graphed_model, [128]), train_steps(eager_model, [128])
+    first = graphed_model._graphed
+    graphed += train_steps(graphed_model, [64])
+    eager += train_steps(eager_model, [64])
+    second = graphed_model._graphed
+    assert second is not first
+    for model in (graphed_model, eager_model):   # new memory for every weight, as a strategy's re-layout would give
+        for p in model.parameters():
+            p.data = p.data.clone()
+    graphed += train_steps(graphed_model, [64])
+    eager += train_steps(eager_model, [64])
+    assert graphed_model._graphed is not second
+    assert_same_steps(graphed, eager)
