@@ -262,7 +262,11 @@ class RWKV(pl.LightningModule):
         if self._graphed is None or not self._graphed.fits(x):
             self._graphed = None   # frees the old recording's memory first
             names = [n for n, _ in self.named_parameters() if n.startswith(("blocks.", "ln_out."))]
-            self._graphed = GraphedFunction(self.blocks_and_ln_out, self, names, x)
+            try:
+                self._graphed = GraphedFunction(self.blocks_and_ln_out, self, names, x)
+            except RuntimeError as e:   # CUDA errors included
+                raise RuntimeError(f"recording the blocks as CUDA graphs failed: {e}\nTrain with --cuda_graph 0 to "
+                                   f"run them eagerly (slower where the host bounds the step)") from e
         return self._graphed(x)
 
     def zero_state(self, batch_size):

@@ -316,3 +316,14 @@ def test_parameters_replaced_puts_the_originals_back():
         assert model.blocks[1].att.key.weight is leaves["blocks.1.att.key.weight"]
         raise RuntimeError("recording failed")
     assert all(p is before[n] for n, p in model.named_parameters())
+
+
+def test_a_failed_recording_names_the_flag_that_avoids_it(monkeypatch):
+    import src.model
+
+    def fail(*args):
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    monkeypatch.setattr(src.model, "GraphedFunction", fail)
+    model = make_model(L=2, C=64, head_size=16, cuda_graph=True)
+    with pytest.raises(RuntimeError, match=r"during capture\nTrain with --cuda_graph 0"):
+        model._graphed_blocks(model.emb(torch.zeros(1, 16, dtype=torch.long)))
