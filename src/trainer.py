@@ -116,7 +116,7 @@ class TrainCallback(pl.Callback):
 
     def finish(self, trainer, pl_module):
         """Progress reached 1: write rwkv-final.pth and stop before this step."""
-        self.report_losses(trainer, pl_module)
+        self.report_losses()
         state_dict = checkpoint_state_dict(trainer, pl_module)
         if trainer.is_global_zero:
             save_atomic(state_dict, os.path.join(self.cfg.proj_dir, "rwkv-final.pth"))
@@ -136,9 +136,9 @@ class TrainCallback(pl.Callback):
             values /= trainer.world_size
         self.pending.append((*copy_to_host(values), trainer.global_step, self.cfg.epoch_begin + trainer.current_epoch))
         # on CUDA the host reads each loss one step late, so it never waits for the step it has just queued
-        self.report_losses(trainer, pl_module, keep=1 if loss.is_cuda else 0)
+        self.report_losses(keep=1 if loss.is_cuda else 0)
 
-    def report_losses(self, trainer, pl_module, keep=0):
+    def report_losses(self, keep=0):
         """Check the queued step losses but the last `keep`: stop on NaN; the progress bar's values and wandb."""
         while len(self.pending) > keep:
             values, ready, steps_done, epoch = self.pending.pop(0)
@@ -163,7 +163,7 @@ class TrainCallback(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         if self.finished or self.loss_count == 0:
             return
-        self.report_losses(trainer, pl_module)   # no checkpoint from weights after a NaN loss
+        self.report_losses()   # no checkpoint from weights after a NaN loss
         mean_loss = trainer.strategy.reduce(self.loss_sum / self.loss_count, reduce_op="mean").item()
         e = trainer.current_epoch
         epoch = self.cfg.epoch_begin + e
@@ -192,7 +192,7 @@ class TrainCallback(pl.Callback):
         return (sums[0] / sums[1]).item()
 
     def on_train_end(self, trainer, pl_module):
-        self.report_losses(trainer, pl_module)
+        self.report_losses()
         if self.log_file is not None:
             self.log_file.close()
         if self.wandb is not None:
