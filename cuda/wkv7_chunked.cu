@@ -1,4 +1,5 @@
-// WKV7 fast kernels (RECIPE.md section 2), fp32 state, fp32-accurate arithmetic throughout.
+// WKV7 fast kernels (RECIPE.md section 2), fp32 state; the recurrences in fp32, the chunk kernel's products
+// on TF32 tensor cores.
 //
 // Within a chunk of CHUNK steps, with P_t = d_0 * ... * d_t (per key column, P_{-1} = 1), the state
 // in scaled form S~_t = S_t / P_t evolves without the decay multiply:
@@ -14,7 +15,7 @@
 //   bwd_chunk_kernel  one block per chunk, no sequential dependence: with s_t and ds_t known, S and G
 //                     are linear in the chunk's inputs, so dr = S_t^T dy, dz = S_{t-1}^T ds,
 //                     dk = G_t^T v, db = G_t^T s are small matrix products against the chunk-start
-//                     state and the chunk-end state gradient (tensor cores, 3xTF32 = fp32 accuracy);
+//                     state and the chunk-end state gradient (TF32 tensor cores; see step 4);
 //                     dw follows from the identity
 //                     dL/dlog d_t = sum_{t'>=t} (r.dr + z_{t'+1}.dz_{t'+1} - k.dk - b.db)_{t'}
 //                     + [t'=CHUNK-1] sum_i S[i,:] G[i,:] at the chunk end.
@@ -426,28 +427,43 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// acc[nt] (a 16 x 8 tile, mma layout) += a[16 x K] * b[K x 8 NTILES] with fp32 accuracy (3xTF32:
-// a_hi b_hi + a_hi b_lo + a_lo b_hi; a_lo = 0 when a is exactly bf16 (a_exact), likewise b). a is
-// row-major (lda); b is row-major (ldb), or given transposed (element (k, n) at b[n * ldb + k]) when TB.
-template <int K, int NTILES, bool TB>
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
+
+// acc[nt] (a 16 x 8 tile, mma layout) += a[16 x K] * b[K x 8 NTILES] on TF32 tensor cores (fp32 sums). The
+// operands are rounded to TF32 (10-bit mantissas), except that SPLIT_A (SPLIT_B) adds the product with the
+// rounding remainder of a (b): a_hi b_hi + a_lo b_hi + a_hi b_lo is fp32-accurate (3xTF32). a is row-major
+// (lda); b is row-major (ldb), or given transposed (element (k, n) at b[n * ldb + k]) when TB.
+template <int K, int NTILES, bool TB, bool SPLIT_A, bool SPLIT_B>
 __device__ __forceinline__ void warp_gemm(float (&acc)[NTILES][4], const float *a, int lda, const float *b, int ldb,
-                                          int lane, bool a_exact, bool b_exact) {
+                                          int lane) {
     const int g = lane >> 2, t4 = lane & 3;
 #pragma unroll 2
     for (int k0 = 0; k0 < K; k0 += 8) {
+        const float af[4] = {a[g * lda + k0 + t4], a[(g + 8) * lda + k0 + t4], a[g * lda + k0 + t4 + 4],
+                             a[(g + 8) * lda + k0 + t4 + 4]};
         uint32_t ah[4], al[4];
-        split_tf32(a[g * lda + k0 + t4], ah[0], al[0]);
-        split_tf32(a[(g + 8) * lda + k0 + t4], ah[1], al[1]);
-        split_tf32(a[g * lda + k0 + t4 + 4], ah[2], al[2]);
-        split_tf32(a[(g + 8) * lda + k0 + t4 + 4], ah[3], al[3]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            if constexpr (SPLIT_A) split_tf32(af[e], ah[e], al[e]);
+            else ah[e] = to_tf32(af[e]);
+        }
 #pragma unroll
         for (int nt = 0; nt < NTILES; ++nt) {
             const int n = 8 * nt + g;
+            const float bf[2] = {TB ? b[n * ldb + k0 + t4] : b[(k0 + t4) * ldb + n],
+                                 TB ? b[n * ldb + k0 + t4 + 4] : b[(k0 + t4 + 4) * ldb + n]};
             uint32_t bh[2], bl[2];
-            split_tf32(TB ? b[n * ldb + k0 + t4] : b[(k0 + t4) * ldb + n], bh[0], bl[0]);
-            split_tf32(TB ? b[n * ldb + k0 + t4 + 4] : b[(k0 + t4 + 4) * ldb + n], bh[1], bl[1]);
-            if (!a_exact) mma_tf32(acc[nt], al, bh);
-            if (!b_exact) mma_tf32(acc[nt], ah, bl);
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                if constexpr (SPLIT_B) split_tf32(bf[e], bh[e], bl[e]);
+                else bh[e] = to_tf32(bf[e]);
+            }
+            if constexpr (SPLIT_A) mma_tf32(acc[nt], al, bh);
+            if constexpr (SPLIT_B) mma_tf32(acc[nt], ah, bl);
             mma_tf32(acc[nt], ah, bh);
         }
     }
@@ -511,7 +527,7 @@ __global__ void __launch_bounds__(NT_CH, 2) bwd_chunk_kernel(
     {
         float acc[1][4] = {};
         const int m0 = 16 * (warp & 1), n0 = 8 * (warp >> 1);
-        warp_gemm<N, 1, true>(acc, A + m0 * LDA, LDA, A + (2 * CHUNK + n0) * LDA, LDA, lane, m0 < CHUNK, n0 < CHUNK);
+        warp_gemm<N, 1, true, false, false>(acc, A + m0 * LDA, LDA, A + (2 * CHUNK + n0) * LDA, LDA, lane);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int a = m0 + g + 8 * (i >> 1), b = n0 + 2 * t4 + (i & 1);
@@ -529,15 +545,16 @@ __global__ void __launch_bounds__(NT_CH, 2) bwd_chunk_kernel(
     const int mt = warp & 3, n0 = (N / 2) * (warp >> 2);
     const bool top = mt < 2;
     float acc[NTW][4] = {};
-    // rows dy (mt 0) and v (mt 2) are exactly bf16
-    warp_gemm<N, NTW, false>(acc, A + 16 * mt * LDA, LDA, sm + (top ? L::Sc : L::Hs) + n0, LDB, lane, !(mt & 1), false);
+    // One TF32 pass everywhere except the right operand of the intra-chunk product ([kt; bt] or [rh; zh]):
+    // rounding it too raised dw's error at the fastest decays by 26% (tools/KERNEL_NOTES.md)
+    warp_gemm<N, NTW, false, false, false>(acc, A + 16 * mt * LDA, LDA, sm + (top ? L::Sc : L::Hs) + n0, LDB, lane);
     if (!top)
 #pragma unroll
         for (int nt = 0; nt < NTW; ++nt)
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[nt][i] *= sm[L::P15 + n0 + 8 * nt + 2 * t4 + (i & 1)];
-    warp_gemm<2 * CHUNK, NTW, false>(acc, sm + L::Ai + 16 * mt * LDI, LDI,
-                                     sm + L::vec + (top ? 0 : 2 * CHUNK) * LDB + n0, LDB, lane, false, false);
+    warp_gemm<2 * CHUNK, NTW, false, false, true>(acc, sm + L::Ai + 16 * mt * LDI, LDI,
+                                                  sm + L::vec + (top ? 0 : 2 * CHUNK) * LDB + n0, LDB, lane);
     __syncthreads();  // everyone is done reading A
 
     // 5. dr = P_t X_R, dz = P_{t-1} X_Z, dk = X_K / P_t, db = X_B / P_t; X staged in A for step 6.

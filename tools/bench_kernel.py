@@ -1,6 +1,6 @@
-"""Times the WKV7 CUDA kernels (forward + backward, one call each, bf16) at the recipe shapes and
-reports the relative RMS error ||out - ref|| / ||ref|| of y and of every input gradient against the
-float64 PyTorch oracle run on the same bf16 inputs (upcast), for the chunked kernel and the
+"""Times the WKV7 CUDA kernels (forward + backward, one call each, bf16, replayed as a CUDA graph) at the
+recipe shapes and reports the relative RMS error ||out - ref|| / ||ref|| of y and of every input gradient
+against the float64 PyTorch oracle run on the same bf16 inputs (upcast), for the chunked kernel and the
 sequential baseline (the reference recipe's design), in one run.
 
     python tools/bench_kernel.py            # both recipe shapes, three decay regimes
@@ -75,6 +75,21 @@ def time_ms(fn):
     return do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
+def graph_ms(fn):
+    """Median ms of fn's GPU work, replayed as a CUDA graph (as training replays the blocks): the kernels' time
+    without the host's launch time, which made eager timings at the small shape jitter by up to 0.4 ms."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay)
+
+
 def timings(xs, dy, kernel):
     """Median ms of forward+backward (one call each, as in training) and of the forward alone."""
     leaves = [x.detach().requires_grad_() for x in xs]
@@ -86,7 +101,7 @@ def timings(xs, dy, kernel):
         with torch.no_grad():
             wkv7_kernel(*xs, kernel)
 
-    return time_ms(fwd_bwd), time_ms(fwd)
+    return graph_ms(fwd_bwd), graph_ms(fwd)
 
 
 def kernel_breakdown(xs, dy, kernel):
