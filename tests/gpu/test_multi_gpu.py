@@ -12,13 +12,21 @@ from tests.gpu.conftest import SHARDS, compare_losses, minipile_flags
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 
 
-def test_two_gpus_match_one(corpus_binidx, minipile_init, tmp_path):
-    """2 GPUs x micro_bsz 8 read the same 16 samples per step as 1 GPU x 16 (the sampler interleaves ranks)."""
-    one = run_steps(tmp_path, "one", 200, minipile_flags(corpus_binidx, minipile_init, tmp_path / "a", micro_bsz=16))
+@pytest.fixture(scope="module")
+def one_gpu_losses(corpus_binidx, minipile_init, tmp_path_factory):
+    """200 steps of the MiniPile recipe on 1 GPU x micro_bsz 16 (the blocks replayed as CUDA graphs)."""
+    tmp = tmp_path_factory.mktemp("one_gpu")
+    return run_steps(tmp, "one", 200, minipile_flags(corpus_binidx, minipile_init, tmp / "a", micro_bsz=16))
+
+
+@pytest.mark.parametrize("cuda_graph", [1, 0], ids=["graphs", "eager"])
+def test_two_gpus_match_one(one_gpu_losses, corpus_binidx, minipile_init, tmp_path, cuda_graph):
+    """2 GPUs x micro_bsz 8 read the same 16 samples per step as 1 GPU x 16 (the sampler interleaves ranks), with
+    the blocks replayed as CUDA graphs and run eagerly on the 2 GPUs."""
     two = run_steps(tmp_path, "two", 200, minipile_flags(corpus_binidx, minipile_init, tmp_path / "b", micro_bsz=8,
-                                                          devices=2))
-    assert two["world_size"] == 2
-    mean, tail = compare_losses(two, one, "2 GPUs x 8 vs 1 GPU x 16")
+                                                          devices=2, cuda_graph=cuda_graph))
+    assert two["world_size"] == 2 and two["cuda_graph"] == bool(cuda_graph)
+    mean, tail = compare_losses(two, one_gpu_losses, f"2 GPUs x 8 (cuda_graph {cuda_graph}) vs 1 GPU x 16")
     assert mean < 0.01 and tail < 0.01
 
 
