@@ -433,18 +433,24 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
     return r;
 }
 
-// acc[nt] (a 16 x 8 tile, mma layout) += a[16 x K] * b[K x 8 NTILES] on TF32 tensor cores (fp32 sums), the
-// operands rounded to TF32 (10-bit mantissas); SPLIT_B adds the product with b's rounding remainder
-// (a_hi b_hi + a_hi b_lo: b kept to fp32 accuracy). a is row-major (lda); b is row-major (ldb), or given
-// transposed (element (k, n) at b[n * ldb + k]) when TB.
-template <int K, int NTILES, bool TB, bool SPLIT_B>
+// acc[nt] (a 16 x 8 tile, mma layout) += a[16 x K] * b[K x 8 NTILES] on TF32 tensor cores (fp32 sums). The
+// operands are rounded to TF32 (10-bit mantissas), except that SPLIT_A (SPLIT_B) adds the product with the
+// rounding remainder of a (b): a_hi b_hi + a_lo b_hi + a_hi b_lo is fp32-accurate (3xTF32). a is row-major
+// (lda); b is row-major (ldb), or given transposed (element (k, n) at b[n * ldb + k]) when TB.
+template <int K, int NTILES, bool TB, bool SPLIT_A, bool SPLIT_B>
 __device__ __forceinline__ void warp_gemm(float (&acc)[NTILES][4], const float *a, int lda, const float *b, int ldb,
                                           int lane) {
     const int g = lane >> 2, t4 = lane & 3;
 #pragma unroll 2
     for (int k0 = 0; k0 < K; k0 += 8) {
-        const uint32_t ah[4] = {to_tf32(a[g * lda + k0 + t4]), to_tf32(a[(g + 8) * lda + k0 + t4]),
-                                to_tf32(a[g * lda + k0 + t4 + 4]), to_tf32(a[(g + 8) * lda + k0 + t4 + 4])};
+        const float af[4] = {a[g * lda + k0 + t4], a[(g + 8) * lda + k0 + t4], a[g * lda + k0 + t4 + 4],
+                             a[(g + 8) * lda + k0 + t4 + 4]};
+        uint32_t ah[4], al[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            if constexpr (SPLIT_A) split_tf32(af[e], ah[e], al[e]);
+            else ah[e] = to_tf32(af[e]);
+        }
 #pragma unroll
         for (int nt = 0; nt < NTILES; ++nt) {
             const int n = 8 * nt + g;
@@ -456,6 +462,7 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[NTILES][4], const float *
                 if constexpr (SPLIT_B) split_tf32(bf[e], bh[e], bl[e]);
                 else bh[e] = to_tf32(bf[e]);
             }
+            if constexpr (SPLIT_A) mma_tf32(acc[nt], al, bh);
             if constexpr (SPLIT_B) mma_tf32(acc[nt], ah, bl);
             mma_tf32(acc[nt], ah, bh);
         }
@@ -520,7 +527,7 @@ __global__ void __launch_bounds__(NT_CH, 2) bwd_chunk_kernel(
     {
         float acc[1][4] = {};
         const int m0 = 16 * (warp & 1), n0 = 8 * (warp >> 1);
-        warp_gemm<N, 1, true, false>(acc, A + m0 * LDA, LDA, A + (2 * CHUNK + n0) * LDA, LDA, lane);
+        warp_gemm<N, 1, true, false, false>(acc, A + m0 * LDA, LDA, A + (2 * CHUNK + n0) * LDA, LDA, lane);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int a = m0 + g + 8 * (i >> 1), b = n0 + 2 * t4 + (i & 1);
@@ -539,15 +546,15 @@ __global__ void __launch_bounds__(NT_CH, 2) bwd_chunk_kernel(
     const bool top = mt < 2;
     float acc[NTW][4] = {};
     // One TF32 pass everywhere except the right operand of the intra-chunk product ([kt; bt] or [rh; zh]):
-    // rounding it too raised dw's error at the fastest decays by a quarter (tools/KERNEL_NOTES.md, v8)
-    warp_gemm<N, NTW, false, false>(acc, A + 16 * mt * LDA, LDA, sm + (top ? L::Sc : L::Hs) + n0, LDB, lane);
+    // rounding it too raised dw's error at the fastest decays by 26% (tools/KERNEL_NOTES.md)
+    warp_gemm<N, NTW, false, false, false>(acc, A + 16 * mt * LDA, LDA, sm + (top ? L::Sc : L::Hs) + n0, LDB, lane);
     if (!top)
 #pragma unroll
         for (int nt = 0; nt < NTW; ++nt)
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[nt][i] *= sm[L::P15 + n0 + 8 * nt + 2 * t4 + (i & 1)];
-    warp_gemm<2 * CHUNK, NTW, false, true>(acc, sm + L::Ai + 16 * mt * LDI, LDI,
-                                           sm + L::vec + (top ? 0 : 2 * CHUNK) * LDB + n0, LDB, lane);
+    warp_gemm<2 * CHUNK, NTW, false, false, true>(acc, sm + L::Ai + 16 * mt * LDI, LDI,
+                                                  sm + L::vec + (top ? 0 : 2 * CHUNK) * LDB + n0, LDB, lane);
     __syncthreads();  // everyone is done reading A
 
     // 5. dr = P_t X_R, dz = P_{t-1} X_Z, dk = X_K / P_t, db = X_B / P_t; X staged in A for step 6.
