@@ -1,6 +1,6 @@
 """A function's training forward and backward, each recorded once as a CUDA graph and replayed every step.
 
-At the MiniPile size the GPU runs a step's ~2,400 kernels faster than the host's Python (autograd, the compiled
+At the MiniPile size the GPU runs a step's ~2,700 kernels faster than the host's Python (autograd, the compiled
 chains' wrappers, the kernel bindings) launches them. A CUDA graph records the launches of one call and replays
 them all with one launch. GraphedFunction records fn(x) (the whole stack of blocks, activation checkpoints
 included) as one graph and its backward (the recomputation included) as another, and joins them to autograd as
