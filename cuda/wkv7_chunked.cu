@@ -34,6 +34,8 @@ namespace {
 
 __device__ __forceinline__ float4 ld4(const float *p) { return *reinterpret_cast<const float4 *>(p); }
 __device__ __forceinline__ void st4(float *p, float4 x) { *reinterpret_cast<float4 *>(p) = x; }
+// 16-byte store to global memory, kept in L2 only (plain float4 stores compile to four 4-byte stores here)
+__device__ __forceinline__ void stg4(float *p, float4 x) { __stcg(reinterpret_cast<float4 *>(p), x); }
 
 __device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
@@ -51,8 +53,11 @@ enum { V_KT, V_BT, V_RH, V_ZH };
 template <int NT>
 __device__ __forceinline__ void issue_chunk(bf16 *raw, bf16 *rawx, const bf16 *const (&src)[NRAW], const bf16 *x,
                                             int bb, int c, int h, int T, int H, int tid) {
-    constexpr int PER_T = N / 8;  // 16-byte pieces per time step
-    for (int e = tid; e < CHUNK * PER_T; e += NT) {
+    constexpr int PER_T = N / 8, PIECES = CHUNK * PER_T;  // 16-byte pieces per time step, per chunk
+#pragma unroll
+    for (int i = 0; i < (PIECES + NT - 1) / NT; ++i) {  // a fixed trip count: no remainder loop
+        const int e = tid + i * NT;
+        if (PIECES % NT && e >= PIECES) break;
         const int t = e / PER_T, p = (e % PER_T) * 8;
         const size_t o = row_offset(bb, c * CHUNK + t, h, T, H) + p;
 #pragma unroll
@@ -73,10 +78,16 @@ __device__ __forceinline__ void prep_columns(const bf16 *raw, float *vec, float 
     static_assert(N * PARTS % 32 == 0 && NT >= N, "whole warps per column group");
     const int j = tid / PARTS, part = tid % PARTS;
     if (j >= N) return;  // whole warps
-    float l[TS], a[TS], run = 0.f;
+    // Every load first: the compiler keeps them above the stores into vec (which may alias raw), so they
+    // would otherwise wait one by one.
+    float l[TS], a[TS], x[NRAW][TS], run = 0.f;
+#pragma unroll
+    for (int s = 0; s < NRAW; ++s)
+#pragma unroll
+        for (int u = 0; u < TS; ++u) x[s][u] = to_f(raw[s * CHUNK * N + (part * TS + u) * N + j]);
 #pragma unroll
     for (int u = 0; u < TS; ++u) {
-        l[u] = -__expf(to_f(raw[RAW_W * CHUNK * N + (part * TS + u) * N + j]));
+        l[u] = -__expf(x[RAW_W][u]);
         run += l[u];
         a[u] = run;
     }
@@ -92,10 +103,10 @@ __device__ __forceinline__ void prep_columns(const bf16 *raw, float *vec, float 
     for (int u = 0; u < TS; ++u) {
         const int t = part * TS + u, e = t * N + j;
         const float aa = base + a[u], p = __expf(aa), ip = __expf(-aa);
-        vec[(V_KT * CHUNK + t) * LD + j] = to_f(raw[RAW_K * CHUNK * N + e]) * ip;
-        vec[(V_BT * CHUNK + t) * LD + j] = to_f(raw[RAW_B * CHUNK * N + e]) * ip;
-        vec[(V_RH * CHUNK + t) * LD + j] = to_f(raw[RAW_R * CHUNK * N + e]) * p;
-        vec[(V_ZH * CHUNK + t) * LD + j] = to_f(raw[RAW_Z * CHUNK * N + e]) * pm1;
+        vec[(V_KT * CHUNK + t) * LD + j] = x[RAW_K][u] * ip;
+        vec[(V_BT * CHUNK + t) * LD + j] = x[RAW_B][u] * ip;
+        vec[(V_RH * CHUNK + t) * LD + j] = x[RAW_R][u] * p;
+        vec[(V_ZH * CHUNK + t) * LD + j] = x[RAW_Z][u] * pm1;
         if (Pt) Pt[e] = p;
         if (iPt) iPt[e] = ip;
         if (lw) lw[e] = l[u];
@@ -112,7 +123,7 @@ constexpr int CPT = 8;                   // state columns per thread
 constexpr int NQ = CPT / 4;              // float4 groups per thread and row
 constexpr int TPR = N / CPT;             // threads sharing a row
 constexpr int NT_ROW = (N / RPT) * TPR;  // threads per block
-static_assert(NT_ROW % 32 == 0 && TPR >= 4 && TPR <= 32, "row kernel layout");
+static_assert(NT_ROW % 32 == 0 && TPR >= 4 && TPR <= 32 && N * N / 4 % NT_ROW == 0, "row kernel layout");
 
 struct RowSmem {
     bf16 raw[2][NRAW * CHUNK * N];  // double-buffered chunk inputs
@@ -131,23 +142,23 @@ __device__ __forceinline__ int own_col(int q, int m) { return 4 * (q + TPR * m);
 
 typedef float RowTile[RPT][CPT];
 
-// p[x] = sum over the thread's 16 columns of X[x][.] * u[.] (two interleaved partial sums per row)
+// p[x] = sum over the thread's CPT columns of X[x][.] * u[.] (one FMA chain per row: the RPT rows, and the
+// two dots each step takes, keep enough chains in flight)
 __device__ __forceinline__ void tile_dot(const RowTile &X, const float *u, int q, float (&p)[RPT]) {
     float4 a[NQ];
 #pragma unroll
     for (int m = 0; m < NQ; ++m) a[m] = ld4(u + own_col(q, m));
 #pragma unroll
     for (int x = 0; x < RPT; ++x) {
-        float s[2] = {0.f, 0.f};
+        float acc = 0.f;
 #pragma unroll
         for (int m = 0; m < NQ; ++m) {
-            float &acc = s[m & 1];
             acc = fmaf(X[x][4 * m], a[m].x, acc);
             acc = fmaf(X[x][4 * m + 1], a[m].y, acc);
             acc = fmaf(X[x][4 * m + 2], a[m].z, acc);
             acc = fmaf(X[x][4 * m + 3], a[m].w, acc);
         }
-        p[x] = s[0] + s[1];
+        p[x] = acc;
     }
 }
 
@@ -196,14 +207,14 @@ __device__ __forceinline__ void tile_scale(RowTile &X, const float *u, int q) {
     }
 }
 
-// Rows RPT * rg + x of a row-major [N][N] matrix at dst.
+// Rows RPT * rg + x of a row-major [N][N] matrix in global memory at dst.
 __device__ __forceinline__ void tile_store(const RowTile &X, float *dst, int rg, int q) {
 #pragma unroll
     for (int x = 0; x < RPT; ++x)
 #pragma unroll
         for (int m = 0; m < NQ; ++m)
-            st4(dst + (size_t)(RPT * rg + x) * N + own_col(q, m),
-                make_float4(X[x][4 * m], X[x][4 * m + 1], X[x][4 * m + 2], X[x][4 * m + 3]));
+            stg4(dst + (size_t)(RPT * rg + x) * N + own_col(q, m),
+                 make_float4(X[x][4 * m], X[x][4 * m + 1], X[x][4 * m + 2], X[x][4 * m + 3]));
 }
 
 __device__ __forceinline__ float pick(const float (&p)[RPT], int x) {  // p[x], x < RPT
@@ -245,9 +256,10 @@ __device__ __forceinline__ void load_rows(const bf16 *src, float (&out)[RPT]) {
 }
 
 // One forward step t of the row kernel: S~ += v_t kt_t + s_t bt_t; y_t = S~ rh_t; s_{t+1} = S~ zh_{t+1}.
+// y_row and sa_row point at this thread's row (RPT * rg + q) at the chunk's first step; steps are HN apart.
 template <bool NEXT>
 __device__ __forceinline__ void fwd_step(RowTile &S, float (&sa)[RPT], const RowSmem &sm, int buf, int t, int rg, int q,
-                                         bf16 *y_, float *sa_, int bb, int c, int h, int T, int H) {
+                                         bf16 *y_row, float *sa_row, int HN) {
     float v[RPT], py[RPT], pn[RPT];
     load_rows(sm.rawx[buf] + t * N + RPT * rg, v);
     tile_axpy2(S, v, sm.vec + (V_KT * CHUNK + t) * N, sa, sm.vec + (V_BT * CHUNK + t) * N, q);
@@ -258,9 +270,8 @@ __device__ __forceinline__ void fwd_step(RowTile &S, float (&sa)[RPT], const Row
     }
     const float sa_mine = pick(sa, q & 3), y = row_scatter(py, q);
     if (q < RPT) {
-        const size_t o = row_offset(bb, c * CHUNK + t, h, T, H) + RPT * rg + q;
-        y_[o] = to_bf(y);
-        sa_[o] = sa_mine;
+        y_row[t * HN] = to_bf(y);
+        sa_row[t * HN] = sa_mine;
     }
     if (NEXT)
 #pragma unroll
@@ -268,10 +279,10 @@ __device__ __forceinline__ void fwd_step(RowTile &S, float (&sa)[RPT], const Row
 }
 
 // One backward step t of the row kernel: G^ += dy_t rh_t (+ ds_{t+1} zh_{t+1} pending from step t+1);
-// dv_t = G^ kt_t; ds_t = G^ bt_t (left in ds, its zh_t term pending).
+// dv_t = G^ kt_t; ds_t = G^ bt_t (left in ds, its zh_t term pending). dv_row, ds_row: as fwd_step's outputs.
 template <bool PENDING>
 __device__ __forceinline__ void bwd_step(RowTile &G, float (&ds)[RPT], const RowSmem &sm, int buf, int t, int rg, int q,
-                                         bf16 *dv_, float *ds_, int bb, int c, int h, int T, int H) {
+                                         bf16 *dv_row, float *ds_row, int HN) {
     float dy[RPT], pv[RPT];
     load_rows(sm.rawx[buf] + t * N + RPT * rg, dy);
     if (PENDING) tile_axpy2(G, dy, sm.vec + (V_RH * CHUNK + t) * N, ds, sm.vec + (V_ZH * CHUNK + t + 1) * N, q);
@@ -281,9 +292,8 @@ __device__ __forceinline__ void bwd_step(RowTile &G, float (&ds)[RPT], const Row
     row_allreduce(ds);
     const float dv = row_scatter(pv, q), ds_mine = pick(ds, q & 3);
     if (q < RPT) {
-        const size_t o = row_offset(bb, c * CHUNK + t, h, T, H) + RPT * rg + q;
-        dv_[o] = to_bf(dv);
-        ds_[o] = ds_mine;
+        dv_row[t * HN] = to_bf(dv);
+        ds_row[t * HN] = ds_mine;
     }
 }
 
@@ -319,9 +329,12 @@ __global__ void __launch_bounds__(NT_ROW) fwd_rows_kernel(const RowArgs args, bf
         float sa[RPT];
         tile_dot(S, sm.vec + V_ZH * CHUNK * N, q, sa);
         row_allreduce(sa);
+        const size_t o = row_offset(bb, c * CHUNK, h, T, H) + RPT * rg + q;
+        bf16 *y_row = y_ + o;
+        float *sa_row = sa_ + o;
 #pragma unroll 3
-        for (int t = 0; t < CHUNK - 1; ++t) fwd_step<true>(S, sa, sm, buf, t, rg, q, y_, sa_, bb, c, h, T, H);
-        fwd_step<false>(S, sa, sm, buf, CHUNK - 1, rg, q, y_, sa_, bb, c, h, T, H);
+        for (int t = 0; t < CHUNK - 1; ++t) fwd_step<true>(S, sa, sm, buf, t, rg, q, y_row, sa_row, H * N);
+        fwd_step<false>(S, sa, sm, buf, CHUNK - 1, rg, q, y_row, sa_row, H * N);
         tile_scale(S, sm.P15, q);  // S~ -> S at the chunk end
         tile_store(S, states + (size_t)c * N * N, rg, q);
     }
@@ -369,7 +382,11 @@ __global__ void __launch_bounds__(NT_ROW) bwd_rows_kernel(const RowArgs args, co
         prep_columns<NT_ROW, N>(sm.raw[buf], sm.vec, sm.P15, nullptr, nullptr, nullptr, tid);
         __syncthreads();
         if (c > 0) {  // S_end of the next chunk down, one chunk ahead
-            for (int e = tid; e < N * N / 4; e += NT_ROW) cp_async16(sm.Send + 4 * e, states + (size_t)(c - 1) * N * N + 4 * e);
+#pragma unroll
+            for (int i = 0; i < N * N / 4 / NT_ROW; ++i) {
+                const int e = tid + i * NT_ROW;
+                cp_async16(sm.Send + 4 * e, states + (size_t)(c - 1) * N * N + 4 * e);
+            }
             cp_async_commit();
         }
         for (int j = tid; j < N; j += NT_ROW) {
@@ -380,10 +397,13 @@ __global__ void __launch_bounds__(NT_ROW) bwd_rows_kernel(const RowArgs args, co
             bnd_[(bh * NC + c) * N + j] = s;
         }
         tile_scale(G, sm.P15, q);
+        const size_t o = row_offset(bb, c * CHUNK, h, T, H) + RPT * rg + q;
+        bf16 *dv_row = dv_ + o;
+        float *ds_row = ds_ + o;
         float ds[RPT];
-        bwd_step<false>(G, ds, sm, buf, CHUNK - 1, rg, q, dv_, ds_, bb, c, h, T, H);
+        bwd_step<false>(G, ds, sm, buf, CHUNK - 1, rg, q, dv_row, ds_row, H * N);
 #pragma unroll 3
-        for (int t = CHUNK - 2; t >= 0; --t) bwd_step<true>(G, ds, sm, buf, t, rg, q, dv_, ds_, bb, c, h, T, H);
+        for (int t = CHUNK - 2; t >= 0; --t) bwd_step<true>(G, ds, sm, buf, t, rg, q, dv_row, ds_row, H * N);
         tile_axpy(G, ds, sm.vec + V_ZH * CHUNK * N, q);  // G_{-1} = G_0 + ds_0 z_0^T: the next chunk's He
     }
 }
