@@ -104,6 +104,23 @@ def test_kernels_agree_and_are_deterministic():
         assert rel_err(x, z) < TOL, name
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_backward_launches_only_the_kernels(kernel):
+    """Forward + backward run the wkv7 kernels and nothing else: in particular no zero-filled gradients for the
+    forward's fp32 buffers (sa, states), which autograd would otherwise build and the backward ignore."""
+    from torch.profiler import ProfilerActivity, profile
+    xs, dy = make_inputs(2, 64, 3, 64, seed=4)
+    leaves = [x.to(torch.bfloat16).contiguous().requires_grad_() for x in xs]
+    dy = dy.to(torch.bfloat16).contiguous()
+    torch.autograd.grad(wkv7_kernel(*leaves, kernel), leaves, dy)  # build and warm up outside the profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.autograd.grad(wkv7_kernel(*leaves, kernel), leaves, dy)
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    assert names and all("wkv7" in n for n in names), sorted(names)
+
+
 def test_function_rejects_bad_T():
     xs, _ = make_inputs(1, 20, 1, 64, seed=1)
     with pytest.raises(ValueError, match="multiple of 16"):
