@@ -412,9 +412,11 @@ __global__ void __launch_bounds__(NT_ROW) bwd_rows_kernel(const RowArgs args, co
 // Chunk kernel
 
 constexpr int NT_CH = 256;         // 8 warps
-constexpr int LDA = N + 4;         // left operands (row-major, k contiguous): bank = 4 g + t4
-constexpr int LDB = N + 8;         // right operands (row-major, n contiguous): bank = 8 t4 + g
-constexpr int LDI = 2 * CHUNK + 4;
+// Row strides of the mma operands in shared memory, for conflict-free fragment loads (see warp_gemm): left operands
+// (row-major, k contiguous) are read as float2 at 8 g + 2 t4, right ones (row-major, n contiguous) at 8 t4 + g.
+constexpr int LDA = N + 8;
+constexpr int LDB = N + 4;
+constexpr int LDI = 2 * CHUNK + 8;
 
 // Shared memory of the chunk kernel, in floats.
 struct ChunkLayout {
@@ -427,7 +429,8 @@ struct ChunkLayout {
     static constexpr int iPt = Pt + CHUNK * N;         // [CHUNK][N] 1 / P_t
     static constexpr int lw = iPt + CHUNK * N;         // [CHUNK][N] log d_t
     static constexpr int raw = lw + CHUNK * N;         // bf16 [NRAW][CHUNK][N]
-    static constexpr int P15 = raw + NRAW * CHUNK * N / 2;
+    static constexpr int rawx = raw + NRAW * CHUNK * N / 2;  // bf16 [2][CHUNK][N] dy, v
+    static constexpr int P15 = rawx + CHUNK * N;
     static constexpr int bnd = P15 + N;
     static constexpr int total = bnd + N;
     static_assert(total * sizeof(float) <= 113 * 1024, "two blocks per SM");
@@ -456,15 +459,18 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
 // acc[nt] (a 16 x 8 tile, mma layout) += a[16 x K] * b[K x 8 NTILES] on TF32 tensor cores (fp32 sums). The
 // operands are rounded to TF32 (10-bit mantissas), except that SPLIT_A (SPLIT_B) adds the product with the
 // rounding remainder of a (b): a_hi b_hi + a_lo b_hi + a_hi b_lo is fp32-accurate (3xTF32). a is row-major
-// (lda); b is row-major (ldb), or given transposed (element (k, n) at b[n * ldb + k]) when TB.
+// (lda); b is row-major (ldb), or given transposed (element (k, n) at b[n * ldb + k]) when TB. The k slots t4 and
+// t4 + 4 of each 8-step carry k = 2 t4 and 2 t4 + 1 (any order of k gives the same sum), so that a row-major
+// left operand, and a transposed right one, load as one float2.
 template <int K, int NTILES, bool TB, bool SPLIT_A, bool SPLIT_B>
 __device__ __forceinline__ void warp_gemm(float (&acc)[NTILES][4], const float *a, int lda, const float *b, int ldb,
                                           int lane) {
     const int g = lane >> 2, t4 = lane & 3;
 #pragma unroll 2
     for (int k0 = 0; k0 < K; k0 += 8) {
-        const float af[4] = {a[g * lda + k0 + t4], a[(g + 8) * lda + k0 + t4], a[g * lda + k0 + t4 + 4],
-                             a[(g + 8) * lda + k0 + t4 + 4]};
+        const float2 a0 = *reinterpret_cast<const float2 *>(a + g * lda + k0 + 2 * t4);
+        const float2 a1 = *reinterpret_cast<const float2 *>(a + (g + 8) * lda + k0 + 2 * t4);
+        const float af[4] = {a0.x, a1.x, a0.y, a1.y};
         uint32_t ah[4], al[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -474,8 +480,9 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[NTILES][4], const float *
 #pragma unroll
         for (int nt = 0; nt < NTILES; ++nt) {
             const int n = 8 * nt + g;
-            const float bf[2] = {TB ? b[n * ldb + k0 + t4] : b[(k0 + t4) * ldb + n],
-                                 TB ? b[n * ldb + k0 + t4 + 4] : b[(k0 + t4 + 4) * ldb + n]};
+            const float2 bt = TB ? *reinterpret_cast<const float2 *>(b + n * ldb + k0 + 2 * t4)
+                                 : make_float2(b[(k0 + 2 * t4) * ldb + n], b[(k0 + 2 * t4 + 1) * ldb + n]);
+            const float bf[2] = {bt.x, bt.y};
             uint32_t bh[2], bl[2];
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
@@ -502,14 +509,20 @@ __global__ void __launch_bounds__(NT_CH, 2) bwd_chunk_kernel(
     float *A = sm + L::A;
     const size_t bh = (size_t)bb * H + h;
 
-    // 1. Load. Rows of A: 0..15 dy, 16..31 ds, 32..47 v, 48..63 s.
-    bf16 *raw = reinterpret_cast<bf16 *>(sm + L::raw);
+    // 1. Load. Rows of A: 0..15 dy, 16..31 ds, 32..47 v, 48..63 s (dy and v through rawx, as bf16).
+    bf16 *raw = reinterpret_cast<bf16 *>(sm + L::raw), *rawx = reinterpret_cast<bf16 *>(sm + L::rawx);
     issue_chunk<NT_CH>(raw, nullptr, args.src, nullptr, bb, c, h, T, H, tid);
     for (int e = tid; e < CHUNK * N / 4; e += NT_CH) {
         const int t = e / (N / 4), j = (e % (N / 4)) * 4;
         const size_t o = row_offset(bb, c * CHUNK + t, h, T, H) + j;
         cp_async16(A + (CHUNK + t) * LDA + j, ds_ + o);
         cp_async16(A + (3 * CHUNK + t) * LDA + j, sa_ + o);
+    }
+    for (int e = tid; e < CHUNK * N / 8; e += NT_CH) {
+        const int t = e / (N / 8), j = (e % (N / 8)) * 8;
+        const size_t o = row_offset(bb, c * CHUNK + t, h, T, H) + j;
+        cp_async16(rawx + t * N + j, dy_ + o);
+        cp_async16(rawx + (CHUNK + t) * N + j, v_ + o);
     }
     const float *Sprev = states_ + (bh * NC + (c > 0 ? c - 1 : 0)) * N * N;
     const float *He = hstates_ + (bh * NC + c) * N * N;
@@ -520,22 +533,18 @@ __global__ void __launch_bounds__(NT_CH, 2) bwd_chunk_kernel(
         cp_async16(sm + L::Hs + i * LDB + j, He + i * N + j);
     }
     cp_async_commit();
-    for (int e = tid; e < CHUNK * N / 8; e += NT_CH) {
-        const int t = e / (N / 8), j = (e % (N / 8)) * 8;
-        const size_t o = row_offset(bb, c * CHUNK + t, h, T, H) + j;
-        float f[8];
-        unpack8(*reinterpret_cast<const uint4 *>(dy_ + o), f);
-#pragma unroll
-        for (int x = 0; x < 8; ++x) A[t * LDA + j + x] = f[x];
-        unpack8(*reinterpret_cast<const uint4 *>(v_ + o), f);
-#pragma unroll
-        for (int x = 0; x < 8; ++x) A[(2 * CHUNK + t) * LDA + j + x] = f[x];
-    }
     for (int j = tid; j < N; j += NT_CH) sm[L::bnd + j] = bnd_[(bh * NC + c) * N + j];
     cp_async_wait_all();
     __syncthreads();
 
-    // 2. Scaled chunk vectors and the P_t tables.
+    // 2. dy and v to fp32 rows of A; the scaled chunk vectors and the P_t tables.
+    for (int e = tid; e < 2 * CHUNK * N / 8; e += NT_CH) {
+        const int r = e / (N / 8), j = (e % (N / 8)) * 8, row = r < CHUNK ? r : r + CHUNK;
+        float f[8];
+        unpack8(*reinterpret_cast<const uint4 *>(rawx + r * N + j), f);
+        st4(A + row * LDA + j, make_float4(f[0], f[1], f[2], f[3]));
+        st4(A + row * LDA + j + 4, make_float4(f[4], f[5], f[6], f[7]));
+    }
     prep_columns<NT_CH, LDB>(raw, sm + L::vec, sm + L::P15, sm + L::Pt, sm + L::iPt, sm + L::lw, tid);
     __syncthreads();
 
