@@ -6,7 +6,7 @@
 //     s_t = S~_{t-1} zh_t,  S~_t = S~_{t-1} + v_t kt_t^T + s_t bt_t^T,  y_t = S~_t rh_t,
 // with zh_t = z_t P_{t-1}, bt_t = b_t / P_t, kt_t = k_t / P_t, rh_t = r_t P_t (d >= 0.3 keeps 1/P
 // far from overflow over 16 steps). Rows of S are independent of each other, so:
-//   fwd_rows_kernel   forward; one block per (batch, head), each thread owns RPT state rows x 16
+//   fwd_rows_kernel   forward; one block per (batch, head), each thread owns RPT state rows x CPT
 //                     columns in registers (TPR threads share a row). Writes y, s_t (sa) and the
 //                     state at each chunk end.
 //   bwd_rows_kernel   backward, same layout, walking t downwards with the scaled state gradient
@@ -480,9 +480,9 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[NTILES][4], const float *
 #pragma unroll
         for (int nt = 0; nt < NTILES; ++nt) {
             const int n = 8 * nt + g;
-            const float2 bt = TB ? *reinterpret_cast<const float2 *>(b + n * ldb + k0 + 2 * t4)
+            const float2 b2 = TB ? *reinterpret_cast<const float2 *>(b + n * ldb + k0 + 2 * t4)
                                  : make_float2(b[(k0 + 2 * t4) * ldb + n], b[(k0 + 2 * t4 + 1) * ldb + n]);
-            const float bf[2] = {bt.x, bt.y};
+            const float bf[2] = {b2.x, b2.y};
             uint32_t bh[2], bl[2];
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
