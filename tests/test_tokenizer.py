@@ -94,16 +94,21 @@ def test_decode_never_raises_on_partial_utf8(tokenizer):
     assert tokenizer.decode([0, 65535, 70000, -1] + ids) == "🎉"  # end of doc and unknown ids: no bytes
 
 
-def test_speed(tokenizer):
-    """Tokens per CPU second on one core (process time, so other jobs on the machine don't count)."""
+def _tokens_per_cpu_second(encode, text):
+    start = time.process_time()
+    n = len(encode(text))
+    return n / (time.process_time() - start)
+
+
+def test_speed(reference):
+    """Tokens per CPU second on one core, against the rwkv package's tokenizer timed in the same test (4-5x
+    faster on an idle machine), each the best of a few passes. Relative, because a loaded 2-core CI machine
+    halved the absolute rate once."""
     text = "".join(corpus_texts("train-05.jsonl.zst", 3_000_000))
+    reference_rate = max(_tokens_per_cpu_second(reference.encode, text[:1_000_000]) for _ in range(2))
     fresh = RWKVTokenizer()
-    rates = {}
-    for label in ("first pass", "second pass"):
-        start = time.process_time()
-        ids = fresh.encode(text)
-        seconds = time.process_time() - start
-        rates[label] = len(ids) / seconds
-        print(f"\ntokenizer {label}: {len(text.encode()) / seconds / 1e6:.2f} MB/s, "
-              f"{len(ids) / seconds / 1e6:.2f} M tokens/s ({len(ids)} tokens)")
-    assert rates["second pass"] > 1e6
+    first = _tokens_per_cpu_second(fresh.encode, text)
+    warm = max(_tokens_per_cpu_second(fresh.encode, text) for _ in range(3))
+    print(f"\ntokenizer: {first / 1e6:.2f} M tokens/s on the first pass, {warm / 1e6:.2f} M after; "
+          f"rwkv package tokenizer: {reference_rate / 1e6:.2f} M tokens/s")
+    assert warm > 2 * reference_rate
