@@ -13,7 +13,8 @@ PROJ_DIR="out/L${N_LAYER}-D${N_EMBD}-${MODEL_TYPE}"
 M_BSZ="16"          # micro batch per GPU; real batch = M_BSZ x GPU_PER_NODE x N_NODE must divide 40320
 LR_INIT="6e-4"
 LR_FINAL="6e-5"
-GRAD_CP=1           # 1: less VRAM, slower; 0: more VRAM, faster
+GRAD_CP=1           # 1: less VRAM, slower; 0: more VRAM, faster; 2: recompute only the elementwise math
+                    # (same numbers as 1, ~8% faster, more VRAM: README "Speed")
 EPOCH_SAVE=10       # save rwkv-<n>.pth every EPOCH_SAVE mini-epochs (40320 samples each)
 N_NODE=1
 GPU_PER_NODE=1

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from src.chain import Chain, compile_input
 from src.config import ModelConfig, OptimConfig
@@ -163,6 +164,18 @@ class ChannelMix(nn.Module):
         return self.value(relu_square(k, fused=fused))
 
 
+def keep_products(ctx, op, *args, **kwargs):
+    """grad_cp 2's choice for each operation of a checkpointed block: the recomputation reuses the forward's
+    matrix products and wkv7 kernel outputs (most of a block's time, a small share of its activations) and
+    runs the elementwise math again."""
+    keep = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.rwkv7.wkv7_forward.default)
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def keep_products_contexts():
+    return create_selective_checkpoint_contexts(keep_products)
+
+
 def train_block(block, x, v_first):
     """One block's training forward from a zero state: (x, v_first)."""
     return block(x, v_first)[:2]
@@ -290,6 +303,9 @@ class RWKV(pl.LightningModule):
     def _checkpointed(self, run_block, block, x, v_first):
         def run(x, v_first):
             return run_block(block, x, v_first)
+        if self.cfg.grad_cp == 2:
+            return torch.utils.checkpoint.checkpoint(run, x, v_first, use_reentrant=False, preserve_rng_state=False,
+                                                     context_fn=keep_products_contexts)
         if self.cfg.deepspeed_checkpointing:
             import deepspeed
             return deepspeed.checkpointing.checkpoint(run, x, v_first)

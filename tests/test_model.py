@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from src.config import ConfigError, ModelConfig, OptimConfig
 from src.head_loss import L2Wrap, head_loss_chunked, head_loss_reference
@@ -210,6 +211,41 @@ def test_training_step_loss_fused_and_grad_cp_match():
         grads.append(grads_of(model))
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
     assert torch.allclose(grads[1], grads[2], atol=1e-6, rtol=1e-5)
+
+
+class CountProducts(TorchDispatchMode):
+    """Counts the matrix products that run while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return func(*args, **(kwargs or {}))
+
+
+def test_grad_cp_2_recomputes_only_the_elementwise_math():
+    """--grad_cp 2 recomputes a block's elementwise math but reuses its matrix products from the forward: the
+    gradients of grad_cp 1 bit for bit, with the backward running as many products as without checkpoints."""
+    idx, targets = torch.randint(0, 300, (2, 32)), torch.randint(0, 300, (2, 32))
+    products, grads = {}, {}
+    for grad_cp in (0, 1, 2):
+        model = make_model(L=3, grad_cp=grad_cp)
+        loss = model.training_step((idx, targets), 0)
+        with CountProducts() as backward_products:
+            loss.backward()
+        products[grad_cp], grads[grad_cp] = backward_products.count, grads_of(model)
+    assert products[1] > products[0] == products[2]
+    assert torch.equal(grads[2], grads[1])
+    assert torch.allclose(grads[2], grads[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad_cp, compile_blocks, fix", [(3, False, "--grad_cp 3: use 0"),
+                                                         (2, True, "use --compile_blocks 0 or --grad_cp 1")])
+def test_bad_grad_cp_is_refused(grad_cp, compile_blocks, fix):
+    with pytest.raises(ConfigError, match=fix):
+        ModelConfig(n_layer=2, n_embd=128, grad_cp=grad_cp, compile_blocks=compile_blocks).validate()
 
 
 @pytest.mark.parametrize("grad_cp", [0, 1])

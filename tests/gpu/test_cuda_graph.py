@@ -52,8 +52,7 @@ def assert_same_steps(graphed, eager):
             assert a is None or torch.equal(a, b), f"step {step}: gradient differs by {(a - b).abs().max()}"
 
 
-@pytest.mark.parametrize("compile_blocks", [False, True])
-@pytest.mark.parametrize("grad_cp", [0, 1])
+@pytest.mark.parametrize("grad_cp, compile_blocks", [(0, False), (1, False), (2, False), (0, True), (1, True)])
 def test_graphed_steps_equal_eager_steps(grad_cp, compile_blocks):
     graphed_model = make_model(True, grad_cp, compile_blocks)
     graphed = train_steps(graphed_model, [128] * 3)
@@ -63,6 +62,22 @@ def test_graphed_steps_equal_eager_steps(grad_cp, compile_blocks):
     assert eager_model._graphed is None
     assert_same_steps(graphed, eager)
     assert graphed_model.hook_calls == eager_model.hook_calls and max(eager_model.hook_calls.values()) == 3
+
+
+def test_grad_cp_2_reuses_the_forward_kernel():
+    """--grad_cp 2: the backward reuses each block's wkv7 forward (and matrix products) instead of running it
+    again, and trains exactly as grad_cp 1."""
+    def forward_kernels_and_steps(grad_cp):
+        model = make_model(False, grad_cp)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            steps = train_steps(model, [128])
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        return sum(n.startswith("wkv7::") and "fwd_rows_kernel" in n for n in names), steps
+
+    recomputing, recomputed_steps = forward_kernels_and_steps(1)
+    reusing, reused_steps = forward_kernels_and_steps(2)
+    assert (recomputing, reusing) == (6, 3)   # 3 layers
+    assert_same_steps(reused_steps, recomputed_steps)
 
 
 def test_recorded_again_for_a_new_shape_or_moved_weights():
