@@ -436,12 +436,6 @@ struct ChunkLayout {
     static_assert(total * sizeof(float) <= 113 * 1024, "two blocks per SM");
 };
 
-__device__ __forceinline__ void split_tf32(float x, uint32_t &hi, uint32_t &lo) {
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(hi) : "f"(x));
-    const float r = x - __uint_as_float(hi);
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(lo) : "f"(r));
-}
-
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     asm volatile(
         "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -456,13 +450,19 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
     return r;
 }
 
+// x = hi + lo with both rounded to TF32: the remainder keeps the bits hi drops
+__device__ __forceinline__ void split_tf32(float x, uint32_t &hi, uint32_t &lo) {
+    hi = to_tf32(x);
+    lo = to_tf32(x - __uint_as_float(hi));
+}
+
 // acc[nt] (a 16 x 8 tile, mma layout) += a[16 x K] * b[K x 8 NTILES] on TF32 tensor cores (fp32 sums). The
-// operands are rounded to TF32 (10-bit mantissas), except that SPLIT_A (SPLIT_B) adds the product with the
-// rounding remainder of a (b): a_hi b_hi + a_lo b_hi + a_hi b_lo is fp32-accurate (3xTF32). a is row-major
+// operands are rounded to TF32 (10-bit mantissas), except that SPLIT_B adds the product with the rounding
+// remainder of b: a_hi b_hi + a_hi b_lo (the TF32 precision table of tools/KERNEL_NOTES.md says why only b). a is row-major
 // (lda); b is row-major (ldb), or given transposed (element (k, n) at b[n * ldb + k]) when TB. The k slots t4 and
 // t4 + 4 of each 8-step carry k = 2 t4 and 2 t4 + 1 (any order of k gives the same sum), so that a row-major
 // left operand, and a transposed right one, load as one float2.
-template <int K, int NTILES, bool TB, bool SPLIT_A, bool SPLIT_B>
+template <int K, int NTILES, bool TB, bool SPLIT_B>
 __device__ __forceinline__ void warp_gemm(float (&acc)[NTILES][4], const float *a, int lda, const float *b, int ldb,
                                           int lane) {
     const int g = lane >> 2, t4 = lane & 3;
@@ -471,12 +471,9 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[NTILES][4], const float *
         const float2 a0 = *reinterpret_cast<const float2 *>(a + g * lda + k0 + 2 * t4);
         const float2 a1 = *reinterpret_cast<const float2 *>(a + (g + 8) * lda + k0 + 2 * t4);
         const float af[4] = {a0.x, a1.x, a0.y, a1.y};
-        uint32_t ah[4], al[4];
+        uint32_t ah[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            if constexpr (SPLIT_A) split_tf32(af[e], ah[e], al[e]);
-            else ah[e] = to_tf32(af[e]);
-        }
+        for (int e = 0; e < 4; ++e) ah[e] = to_tf32(af[e]);
 #pragma unroll
         for (int nt = 0; nt < NTILES; ++nt) {
             const int n = 8 * nt + g;
@@ -489,7 +486,6 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[NTILES][4], const float *
                 if constexpr (SPLIT_B) split_tf32(bf[e], bh[e], bl[e]);
                 else bh[e] = to_tf32(bf[e]);
             }
-            if constexpr (SPLIT_A) mma_tf32(acc[nt], al, bh);
             if constexpr (SPLIT_B) mma_tf32(acc[nt], ah, bl);
             mma_tf32(acc[nt], ah, bh);
         }
@@ -556,7 +552,7 @@ __global__ void __launch_bounds__(NT_CH, 2) bwd_chunk_kernel(
     {
         float acc[1][4] = {};
         const int m0 = 16 * (warp & 1), n0 = 8 * (warp >> 1);
-        warp_gemm<N, 1, true, false, false>(acc, A + m0 * LDA, LDA, A + (2 * CHUNK + n0) * LDA, LDA, lane);
+        warp_gemm<N, 1, true, false>(acc, A + m0 * LDA, LDA, A + (2 * CHUNK + n0) * LDA, LDA, lane);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int a = m0 + g + 8 * (i >> 1), b = n0 + 2 * t4 + (i & 1);
@@ -576,13 +572,13 @@ __global__ void __launch_bounds__(NT_CH, 2) bwd_chunk_kernel(
     float acc[NTW][4] = {};
     // One TF32 pass everywhere except the right operand of the intra-chunk product ([kt; bt] or [rh; zh]):
     // rounding it too raised dw's error at the fastest decays by 26% (tools/KERNEL_NOTES.md)
-    warp_gemm<N, NTW, false, false, false>(acc, A + 16 * mt * LDA, LDA, sm + (top ? L::Sc : L::Hs) + n0, LDB, lane);
+    warp_gemm<N, NTW, false, false>(acc, A + 16 * mt * LDA, LDA, sm + (top ? L::Sc : L::Hs) + n0, LDB, lane);
     if (!top)
 #pragma unroll
         for (int nt = 0; nt < NTW; ++nt)
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[nt][i] *= sm[L::P15 + n0 + 8 * nt + 2 * t4 + (i & 1)];
-    warp_gemm<2 * CHUNK, NTW, false, false, true>(acc, sm + L::Ai + 16 * mt * LDI, LDI,
+    warp_gemm<2 * CHUNK, NTW, false, true>(acc, sm + L::Ai + 16 * mt * LDI, LDI,
                                                   sm + L::vec + (top ? 0 : 2 * CHUNK) * LDB + n0, LDB, lane);
     __syncthreads();  // everyone is done reading A
 

@@ -43,7 +43,6 @@ class GraphedFunction:
         """fn(x) -> y on CUDA tensors, reading module's parameters `param_names`; differentiated in x and in those
         parameters that train and that y depends on."""
         named = dict(module.named_parameters())
-        self.shape, self.dtype, self.device = sample.shape, sample.dtype, sample.device
         started = time.time()
         stream = torch.cuda.Stream(sample.device)
         stream.wait_stream(torch.cuda.current_stream(sample.device))
@@ -83,7 +82,7 @@ class GraphedFunction:
         return [p.data_ptr() for p in params]
 
     def fits(self, x):
-        return (x.shape == self.shape and x.dtype == self.dtype and x.device == self.device
+        return (x.shape == self.x.shape and x.dtype == self.x.dtype and x.device == self.x.device
                 and self.addresses(self.params) == self.param_addresses)
 
     def __call__(self, x):

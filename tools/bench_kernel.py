@@ -70,14 +70,10 @@ def kernel_outputs(xs, dy, kernel):
     return [y.detach()] + list(torch.autograd.grad(y, leaves, dy))
 
 
-def time_ms(fn):
-    from triton.testing import do_bench
-    return do_bench(fn, warmup=50, rep=300, return_mode="median")
-
-
 def graph_ms(fn):
     """Median ms of fn's GPU work, replayed as a CUDA graph (as training replays the blocks): the kernels' time
     without the host's launch time, which made eager timings at the small shape jitter by up to 0.4 ms."""
+    from triton.testing import do_bench
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -87,7 +83,7 @@ def graph_ms(fn):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return time_ms(graph.replay)
+    return do_bench(graph.replay, warmup=50, rep=300, return_mode="median")
 
 
 def timings(xs, dy, kernel):
