@@ -458,7 +458,7 @@ __device__ __forceinline__ void split_tf32(float x, uint32_t &hi, uint32_t &lo) 
 
 // acc[nt] (a 16 x 8 tile, mma layout) += a[16 x K] * b[K x 8 NTILES] on TF32 tensor cores (fp32 sums). The
 // operands are rounded to TF32 (10-bit mantissas), except that SPLIT_B adds the product with the rounding
-// remainder of b: a_hi b_hi + a_hi b_lo (the TF32 precision table of tools/KERNEL_NOTES.md says why only b). a is row-major
+// remainder of b: a_hi b_hi + a_hi b_lo (tools/KERNEL_NOTES.md's TF32 table says why b only). a is row-major
 // (lda); b is row-major (ldb), or given transposed (element (k, n) at b[n * ldb + k]) when TB. The k slots t4 and
 // t4 + 4 of each 8-step carry k = 2 t4 and 2 t4 + 1 (any order of k gives the same sum), so that a row-major
 // left operand, and a transposed right one, load as one float2.
@@ -579,7 +579,7 @@ __global__ void __launch_bounds__(NT_CH, 2) bwd_chunk_kernel(
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[nt][i] *= sm[L::P15 + n0 + 8 * nt + 2 * t4 + (i & 1)];
     warp_gemm<2 * CHUNK, NTW, false, true>(acc, sm + L::Ai + 16 * mt * LDI, LDI,
-                                                  sm + L::vec + (top ? 0 : 2 * CHUNK) * LDB + n0, LDB, lane);
+                                           sm + L::vec + (top ? 0 : 2 * CHUNK) * LDB + n0, LDB, lane);
     __syncthreads();  // everyone is done reading A
 
     // 5. dr = P_t X_R, dz = P_{t-1} X_Z, dk = X_K / P_t, db = X_B / P_t; X staged in A for step 6.

@@ -62,8 +62,8 @@ class ModelConfig:
             raise ConfigError(f"--grad_cp {self.grad_cp}: use 0 (keep every activation), 1 (recompute each block in "
                               f"backward) or 2 (recompute only its elementwise math)")
         if self.grad_cp == 2 and self.compile_blocks:
-            raise ConfigError("--grad_cp 2 picks the operations to keep inside eager blocks, not inside blocks compiled "
-                              "whole; use --compile_blocks 0 or --grad_cp 1")
+            raise ConfigError("--grad_cp 2 picks the operations to keep inside eager blocks, not inside blocks "
+                              "compiled whole; use --compile_blocks 0 or --grad_cp 1")
         if self.vocab_size < 2:
             raise ConfigError(f"--vocab_size {self.vocab_size}: the RWKV vocab needs 65536")
 

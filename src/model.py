@@ -166,8 +166,8 @@ class ChannelMix(nn.Module):
 
 def keep_products(ctx, op, *args, **kwargs):
     """grad_cp 2's choice for each operation of a checkpointed block: the recomputation reuses the forward's
-    matrix products and wkv7 kernel outputs (most of a block's time, a small share of its activations) and
-    runs the elementwise math again."""
+    matrix products and wkv7 kernel outputs (most of a block's forward time) and runs the elementwise math again.
+    The memory they hold grows with the tokens: the wkv7 outputs include its fp32 state after every 16 steps."""
     keep = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.rwkv7.wkv7_forward.default)
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
