@@ -303,14 +303,13 @@ class RWKV(pl.LightningModule):
     def _checkpointed(self, run_block, block, x, v_first):
         def run(x, v_first):
             return run_block(block, x, v_first)
-        if self.cfg.grad_cp == 2:
-            return torch.utils.checkpoint.checkpoint(run, x, v_first, use_reentrant=False, preserve_rng_state=False,
-                                                     context_fn=keep_products_contexts)
-        if self.cfg.deepspeed_checkpointing:
+        if self.cfg.deepspeed_checkpointing and self.cfg.grad_cp == 1:
             import deepspeed
             return deepspeed.checkpointing.checkpoint(run, x, v_first)
+        keep = keep_products_contexts if self.cfg.grad_cp == 2 else torch.utils.checkpoint.noop_context_fn
         # the model draws no random numbers: nothing to restore for the recomputation (nor to read while recording)
-        return torch.utils.checkpoint.checkpoint(run, x, v_first, use_reentrant=False, preserve_rng_state=False)
+        return torch.utils.checkpoint.checkpoint(run, x, v_first, use_reentrant=False, preserve_rng_state=False,
+                                                 context_fn=keep)
 
     def on_train_batch_start(self, batch, batch_idx):
         # the LR schedule ends the run before a step once its progress reaches 1 (RECIPE.md section 6)
