@@ -101,8 +101,8 @@ def build_trainer(cfg: TrainConfig, callbacks, max_steps=-1):
     if cfg.uses_deepspeed:
         from pytorch_lightning.strategies import DeepSpeedStrategy
 
-        from src import zero_grad_norm
-        zero_grad_norm.install()
+        from src import zero_patches
+        zero_patches.install()
         bucket = cfg.ds_bucket_mb * 1000 * 1000
         # ZeRO-2 (offload too) reduces the gradients on the compute stream after the backward (no overlap_comm):
         # DeepSpeed 0.16.8's side stream reduces a gradient larger than a bucket in place and frees it before that

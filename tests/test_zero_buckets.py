@@ -81,11 +81,11 @@ def train_steps(zero, rank, steps=6):
 def rank_main(rank, zeros, ranks, port):
     import deepspeed
 
-    from src import zero_grad_norm
+    from src import zero_patches
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(ranks),
                       LOCAL_RANK=str(rank))
     deepspeed.init_distributed(dist_backend="gloo")
-    zero_grad_norm.install()  # as train.py does
+    zero_patches.install()  # as train.py does
     (a, init), (b, _) = (train_steps(zero, rank) for zero in zeros)
     if rank == 0:
         print(json.dumps({"max_difference": max((p - q).abs().max().item() for p, q in zip(a, b)),

@@ -23,8 +23,8 @@ def fake_optimizer():
 def test_foreach_norm_equals_deepspeed(one_rank, case):
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from src import zero_grad_norm
-    zero_grad_norm.install()
+    from src import zero_patches
+    zero_patches.install()
     g = torch.Generator().manual_seed(0)
     grads = [] if case == "empty" else [torch.randn(*shape, generator=g).bfloat16() * scale
                                         for shape, scale in [((768, 768), 1e-3), ((1, 1, 768), 2.0), ((12, 64), 1e-6), ((65536, 8), 0.1)]]
@@ -32,9 +32,27 @@ def test_foreach_norm_equals_deepspeed(one_rank, case):
         grads[1][0, 0, 3] = float(case)
     params = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
     ours = DeepSpeedZeroOptimizer.get_grad_norm_direct(fake_optimizer(), grads, params)
-    assert DeepSpeedZeroOptimizer.get_grad_norm_direct is zero_grad_norm.grad_norm_foreach
-    theirs = zero_grad_norm._deepspeed_grad_norm(fake_optimizer(), grads, params)
+    assert DeepSpeedZeroOptimizer.get_grad_norm_direct is zero_patches.grad_norm_foreach
+    theirs = zero_patches._deepspeed_grad_norm(fake_optimizer(), grads, params)
     assert ours.dtype == theirs.dtype == torch.float32
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)   # fp32 sums against DeepSpeed's fp64
     if case in ("nan", "inf"):
         assert ours.item() == -1.0
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_average_over_one_rank_is_left_out(monkeypatch, ranks):
+    """Over one rank (and no sequence parallelism) DeepSpeed's flatten / divide / all-reduce / copy-back of a
+    gradient bucket is the identity and is left out; over two ranks DeepSpeed's own code runs."""
+    import deepspeed.comm as dist
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from src import zero_patches
+    zero_patches.install()
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: ranks)
+    averaged = []
+    monkeypatch.setattr(zero_patches, "_deepspeed_allreduce_and_copy", lambda opt, bucket, **kw: averaged.append(bucket))
+    bucket = [torch.randn(3, 4), torch.randn(5)]
+    DeepSpeedZeroOptimizer.allreduce_and_copy(types.SimpleNamespace(dp_process_group=None, sequence_parallel_size=1),
+                                              bucket)
+    assert averaged == ([] if ranks == 1 else [bucket])
