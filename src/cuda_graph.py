@@ -85,6 +85,13 @@ class GraphedFunction:
         return (x.shape == self.x.shape and x.dtype == self.x.dtype and x.device == self.x.device
                 and self.addresses(self.params) == self.param_addresses)
 
+    def release_grads(self):
+        """Before the replays rewrite the pool's memory: a parameter whose .grad is still a gradient buffer of the
+        last backward (kept past its step, as gradient accumulation keeps it) gets its own copy."""
+        for p, g in zip(self.params, self.grads[1:]):
+            if p.grad is not None and p.grad.data_ptr() == g.data_ptr():
+                p.grad = p.grad.clone()
+
     def __call__(self, x):
         return _Replay.apply(self, x, *self.params)
 
@@ -93,6 +100,7 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, graphed, x, *params):
         ctx.graphed = graphed
+        graphed.release_grads()
         graphed.x.copy_(x)
         graphed.forward_graph.replay()
         return graphed.y.clone()   # the output buffer is rewritten by the next replay
@@ -102,6 +110,6 @@ class _Replay(torch.autograd.Function):
         graphed = ctx.graphed
         graphed.dy.copy_(dy)
         graphed.backward_graph.replay()
-        # consumed before the next replay: the embedding's backward reads the first; autograd copies the
-        # parameters' gradients into .grad (the buffers stay referenced here, so it cannot take them over)
-        return (None, *graphed.grads)
+        # new tensors on the buffers, which autograd takes over as the parameters' .grad instead of copying them
+        # (one copy per parameter and step); the embedding's backward reads the first
+        return (None, *(g.detach() for g in graphed.grads))

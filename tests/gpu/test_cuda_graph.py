@@ -80,6 +80,24 @@ def test_grad_cp_2_reuses_the_forward_kernel():
     assert_same_steps(reused_steps, recomputed_steps)
 
 
+def test_gradients_are_the_buffers_and_accumulate_as_eager():
+    """The graphed backward's gradient buffers become the parameters' .grad without a copy; kept across steps
+    (gradient accumulation, no zero_grad) they still add up exactly as the eager gradients do."""
+    accumulated = []
+    for cuda_graph in (True, False):
+        model = make_model(cuda_graph, 1)
+        for step in range(3):
+            idx = torch.randint(0, 1000, (4, 128), generator=torch.Generator().manual_seed(step)).cuda()
+            model.training_step((idx, idx.roll(-1, 1)), step).backward()
+            if cuda_graph and step == 0:
+                buffers = {g.data_ptr() for g in model._graphed.grads[1:]}
+                assert all(p.grad.data_ptr() in buffers for p in model._graphed.params)
+        accumulated.append([p.grad for p in model.parameters()])
+    for a, b in zip(*accumulated):
+        assert (a is None) == (b is None)
+        assert a is None or torch.equal(a, b), f"accumulated gradient differs by {(a - b).abs().max()}"
+
+
 def test_recorded_again_for_a_new_shape_or_moved_weights():
     graphed_model, eager_model = make_model(True, 1), make_model(False, 1)
     graphed, eager = train_steps(graphed_model, [128]), train_steps(eager_model, [128])
