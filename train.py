@@ -117,6 +117,9 @@ def build_trainer(cfg: TrainConfig, callbacks, max_steps=-1):
                                      allgather_bucket_size=bucket, reduce_bucket_size=bucket,
                                      overlap_comm=overlap_comm,
                                      contiguous_gradients=contiguous_gradients)
+        # DeepSpeed's throughput timer (on by default) waits for the GPU at the start and at the end of every step,
+        # so the host could not queue the next step while the GPU runs this one; Lightning's bar shows tokens/s
+        strategy.config["timers"] = {"throughput": {"enabled": False}}
     return pl.Trainer(accelerator="gpu" if cfg.accelerator == "cuda" else cfg.accelerator, devices=cfg.devices,
                       num_nodes=cfg.num_nodes, precision=precision, strategy=strategy, max_epochs=-1, max_steps=max_steps,
                       gradient_clip_val=cfg.grad_clip, callbacks=callbacks, logger=False, enable_checkpointing=False,

@@ -148,3 +148,27 @@ def test_wandb_logs_offline(tmp_path):
     data = runs[0].read_bytes()
     for key in (b"loss", b"lr", b"wd", b"Gtokens", b"kt/s", b"epoch_loss"):
         assert key in data, key
+
+
+def test_deepspeed_never_waits_for_the_gpu_to_time_a_step(monkeypatch):
+    """train.py turns DeepSpeed's throughput timer off: by default it synchronizes the device at every step's start
+    and end, which keeps the host from queuing the next step while the GPU runs this one."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils.config import get_timers_config
+    from deepspeed.utils.timer import ThroughputTimer
+
+    import train as train_py
+    syncs = []
+    monkeypatch.setattr(get_accelerator(), "synchronize", lambda *args: syncs.append(1))
+
+    def syncs_in_steps(ds_config, steps=5):
+        syncs.clear()
+        timer = ThroughputTimer(get_timers_config(ds_config), batch_size=16)
+        for _ in range(steps):
+            timer.start()
+            timer.stop(global_step=True)
+        return len(syncs)
+
+    cfg = TrainConfig(proj_dir="unused", accelerator="cpu", strategy="deepspeed_stage_2", precision="bf16")
+    assert syncs_in_steps({}) > 0   # DeepSpeed's default
+    assert syncs_in_steps(train_py.build_trainer(cfg, []).strategy.config) == 0
