@@ -1,4 +1,5 @@
-"""The multi-tensor gradient norm that replaces DeepSpeed ZeRO-1/2's per-parameter loop gives its numbers."""
+"""src/zero_patches.py: the multi-tensor gradient norm that replaces DeepSpeed ZeRO-1/2's per-parameter loop gives
+its numbers, and the average of a gradient bucket is left out over one rank only."""
 import types
 
 import pytest
