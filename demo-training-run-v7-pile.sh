@@ -12,6 +12,7 @@ CTX_LEN="4096"
 PROJ_DIR="out/L${N_LAYER}-D${N_EMBD}-${MODEL_TYPE}"
 
 M_BSZ="24"          # micro batch per GPU
+GRAD_CP=1           # 1: 17 GB on one GPU; 3: keep the matrix products (same numbers, ~8% faster, 62 GB: README "Speed")
 N_NODE=1
 GPU_PER_NODE=1
 EPOCH_COUNT=80
@@ -32,5 +33,5 @@ python train.py --load_model "0" --wandb "" --proj_dir "$PROJ_DIR" --my_testing 
  --num_nodes "$N_NODE" --micro_bsz "$M_BSZ" --n_layer "$N_LAYER" --n_embd "$N_EMBD" \
  --lr_init 6e-4 --lr_final 2e-5 --warmup_steps 1500 --beta1 0.9 --beta2 0.997 --adam_eps 1e-18 \
  --vocab_size 65536 --weight_decay 0.1 --epoch_save 5 --head_size 64 \
- --accelerator gpu --devices "$GPU_PER_NODE" --precision bf16 --strategy deepspeed_stage_2 --grad_cp 1 \
+ --accelerator gpu --devices "$GPU_PER_NODE" --precision bf16 --strategy deepspeed_stage_2 --grad_cp "$GRAD_CP" \
  --enable_progress_bar True --ds_bucket_mb 200

@@ -14,7 +14,7 @@ M_BSZ="16"          # micro batch per GPU; real batch = M_BSZ x GPU_PER_NODE x N
 LR_INIT="6e-4"
 LR_FINAL="6e-5"
 GRAD_CP=1           # 1: less VRAM, slower; 0: more VRAM, faster; 2: recompute only the elementwise math
-                    # (same numbers as 1, ~11% faster, more VRAM: README "Speed")
+                    # (same numbers as 1, ~11% faster, more VRAM: README "Speed"); 3: that and the wkv7 forward
 EPOCH_SAVE=10       # save rwkv-<n>.pth every EPOCH_SAVE mini-epochs (40320 samples each)
 N_NODE=1
 GPU_PER_NODE=1

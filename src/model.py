@@ -1,4 +1,5 @@
 """The RWKV-7 ("x070") language model as a Lightning module; reads like RECIPE.md sections 1, 3, 4 and 5."""
+import functools
 import math
 
 import pytorch_lightning as pl
@@ -164,16 +165,18 @@ class ChannelMix(nn.Module):
         return self.value(relu_square(k, fused=fused))
 
 
-def keep_products(ctx, op, *args, **kwargs):
-    """grad_cp 2's choice for each operation of a checkpointed block: the recomputation reuses the forward's
-    matrix products and wkv7 kernel outputs (most of a block's forward time) and runs the elementwise math again.
-    The memory they hold grows with the tokens: the wkv7 outputs include its fp32 state after every 16 steps."""
-    keep = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.rwkv7.wkv7_forward.default)
-    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+def keep_products(keep_wkv7):
+    """grad_cp 2 and 3's checkpoint contexts: the recomputation of a checkpointed block reuses the forward's matrix
+    products (and with keep_wkv7 its wkv7 kernel outputs: most of a block's forward time) and runs the rest again.
+    The memory they hold grows with the tokens; the wkv7 outputs include its fp32 state after every 16 steps
+    (alone they took the Pile size from 17 to 55 GB), which is why grad_cp 3 leaves them out."""
+    kept = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default]
+    if keep_wkv7:
+        kept.append(torch.ops.rwkv7.wkv7_forward.default)
 
-
-def keep_products_contexts():
-    return create_selective_checkpoint_contexts(keep_products)
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in kept else CheckpointPolicy.PREFER_RECOMPUTE
+    return create_selective_checkpoint_contexts(policy)
 
 
 def train_block(block, x, v_first):
@@ -306,7 +309,10 @@ class RWKV(pl.LightningModule):
         if self.cfg.deepspeed_checkpointing and self.cfg.grad_cp == 1:
             import deepspeed
             return deepspeed.checkpointing.checkpoint(run, x, v_first)
-        keep = keep_products_contexts if self.cfg.grad_cp == 2 else torch.utils.checkpoint.noop_context_fn
+        if self.cfg.grad_cp == 1:
+            keep = torch.utils.checkpoint.noop_context_fn
+        else:
+            keep = functools.partial(keep_products, keep_wkv7=self.cfg.grad_cp == 2)
         # the model draws no random numbers: nothing to restore for the recomputation (nor to read while recording)
         return torch.utils.checkpoint.checkpoint(run, x, v_first, use_reentrant=False, preserve_rng_state=False,
                                                  context_fn=keep)

@@ -225,24 +225,27 @@ class CountProducts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_grad_cp_2_recomputes_only_the_elementwise_math():
-    """--grad_cp 2 recomputes a block's elementwise math but reuses its matrix products from the forward: the
-    gradients of grad_cp 1 bit for bit, with the backward running as many products as without checkpoints."""
+def test_grad_cp_2_and_3_recompute_only_the_elementwise_math():
+    """--grad_cp 2 and 3 recompute a block's elementwise math but reuse its matrix products from the forward: the
+    gradients of grad_cp 1 bit for bit, with the backward running as many products as without checkpoints. (On
+    CPU the wkv7 recurrence is elementwise math too; tests/gpu/test_cuda_graph.py checks which of them reuses the
+    CUDA kernel's forward.)"""
     idx, targets = torch.randint(0, 300, (2, 32)), torch.randint(0, 300, (2, 32))
     products, grads = {}, {}
-    for grad_cp in (0, 1, 2):
+    for grad_cp in (0, 1, 2, 3):
         model = make_model(L=3, grad_cp=grad_cp)
         loss = model.training_step((idx, targets), 0)
         with CountProducts() as backward_products:
             loss.backward()
         products[grad_cp], grads[grad_cp] = backward_products.count, grads_of(model)
-    assert products[1] > products[0] == products[2]
-    assert torch.equal(grads[2], grads[1])
+    assert products[1] > products[0] == products[2] == products[3]
+    assert torch.equal(grads[2], grads[1]) and torch.equal(grads[3], grads[1])
     assert torch.allclose(grads[2], grads[0], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("grad_cp, compile_blocks, fix", [(3, False, "--grad_cp 3: use 0"),
-                                                         (2, True, "use --compile_blocks 0 or --grad_cp 1")])
+@pytest.mark.parametrize("grad_cp, compile_blocks, fix", [(4, False, "--grad_cp 4: use 0"),
+                                                         (2, True, "use --compile_blocks 0 or --grad_cp 1"),
+                                                         (3, True, "use --compile_blocks 0 or --grad_cp 1")])
 def test_bad_grad_cp_is_refused(grad_cp, compile_blocks, fix):
     with pytest.raises(ConfigError, match=fix):
         ModelConfig(n_layer=2, n_embd=128, grad_cp=grad_cp, compile_blocks=compile_blocks).validate()

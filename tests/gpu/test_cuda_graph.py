@@ -52,7 +52,8 @@ def assert_same_steps(graphed, eager):
             assert a is None or torch.equal(a, b), f"step {step}: gradient differs by {(a - b).abs().max()}"
 
 
-@pytest.mark.parametrize("grad_cp, compile_blocks", [(0, False), (1, False), (2, False), (0, True), (1, True)])
+@pytest.mark.parametrize("grad_cp, compile_blocks", [(0, False), (1, False), (2, False), (3, False), (0, True),
+                                                     (1, True)])
 def test_graphed_steps_equal_eager_steps(grad_cp, compile_blocks):
     graphed_model = make_model(True, grad_cp, compile_blocks)
     graphed = train_steps(graphed_model, [128] * 3)
@@ -66,7 +67,7 @@ def test_graphed_steps_equal_eager_steps(grad_cp, compile_blocks):
 
 def test_grad_cp_2_reuses_the_forward_kernel():
     """--grad_cp 2: the backward reuses each block's wkv7 forward (and matrix products) instead of running it
-    again, and trains exactly as grad_cp 1."""
+    again; grad_cp 3 runs it again, as grad_cp 1 does. Both train exactly as grad_cp 1."""
     def forward_kernels_and_steps(grad_cp):
         model = make_model(False, grad_cp)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -76,8 +77,10 @@ def test_grad_cp_2_reuses_the_forward_kernel():
 
     recomputing, recomputed_steps = forward_kernels_and_steps(1)
     reusing, reused_steps = forward_kernels_and_steps(2)
-    assert (recomputing, reusing) == (6, 3)   # 3 layers
+    recomputing_wkv7, products_kept_steps = forward_kernels_and_steps(3)
+    assert (recomputing, reusing, recomputing_wkv7) == (6, 3, 6)   # 3 layers
     assert_same_steps(reused_steps, recomputed_steps)
+    assert_same_steps(products_kept_steps, recomputed_steps)
 
 
 def test_gradients_are_the_buffers_and_accumulate_as_eager():
