@@ -1,5 +1,5 @@
-"""Two pieces of DeepSpeed ZeRO-1/2 replaced by equivalents that launch far fewer kernels, in a step that is bound
-by launch overhead. install() puts them in place; every other case keeps DeepSpeed's own code.
+"""Three pieces of DeepSpeed ZeRO-1/2 replaced by equivalents that launch far fewer kernels or move less memory.
+install() puts them in place; every other case keeps DeepSpeed's own code.
 
 The gradient norm (for --grad_clip): DeepSpeedZeroOptimizer.get_grad_norm_direct takes the norm of every
 parameter's gradient on its own, each through an fp64 copy: three kernel launches and their Python per parameter
@@ -12,12 +12,18 @@ The gradient average on one rank: without contiguous gradient buckets (plain ZeR
 DeepSpeed averages each bucket of gradients by flattening it into a new tensor, dividing it by the number of
 ranks, all-reducing it and copying every gradient back out of it (a copy per parameter). Over one rank that
 average is the identity, so allreduce_and_copy_one_rank does nothing there.
+
+The optimizer step on one rank (bf16, FusedAdam, no offload): step_one_pass updates each parameter group with one
+kernel (src/adam_step.py) where DeepSpeed makes the flat fp32 gradient, clips it, runs FusedAdam and copies the
+weights to bf16 in five passes over memory. The optimizer state is FusedAdam's own (exp_avg, exp_avg_sq, step of
+the flat fp32 partition), so checkpoints and DeepSpeed's other code see no difference.
 """
 import deepspeed.comm as dist
 import torch
 
 _deepspeed_grad_norm = None
 _deepspeed_allreduce_and_copy = None
+_deepspeed_step = None
 
 
 def grad_norm_foreach(optimizer, gradients, params, norm_type=2):
@@ -43,11 +49,76 @@ def allreduce_and_copy_one_rank(optimizer, small_bucket, rank=None, log=None, di
                                   process_group=process_group)
 
 
+def one_pass_applies(optimizer):
+    """step_one_pass covers one rank, bf16, DeepSpeed's FusedAdam on the GPU, no offload or experts, and bf16
+    gradients that fill each partition."""
+    from deepspeed.ops.adam import FusedAdam
+    groups = range(len(optimizer.bit16_groups))
+    return (optimizer.dtype == torch.bfloat16 and not optimizer.cpu_offload and not optimizer.has_moe_layers
+            and type(optimizer.optimizer) is FusedAdam and not optimizer.overflow
+            and all(dist.get_world_size(group=optimizer.real_dp_process_group[i]) == 1 for i in groups)
+            and all(_fills_partition(optimizer.averaged_gradients.get(i), optimizer.single_partition_of_fp32_groups[i])
+                    for i in groups))
+
+
+def _fills_partition(grads, partition):
+    return (grads is not None and all(g.dtype == torch.bfloat16 and g.is_cuda and g.is_contiguous() for g in grads)
+            and sum(g.numel() for g in grads) == partition.numel())
+
+
+def step_one_pass(optimizer, closure=None):
+    """DeepSpeedZeroOptimizer.step (bf16, one rank), each group's gradient scaling, FusedAdam update and bf16 copy in
+    one kernel."""
+    from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+    from src.adam_step import BlockTable, adam_step
+    if not one_pass_applies(optimizer):
+        return _deepspeed_step(optimizer, closure)
+    optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
+    prev_scale = optimizer.loss_scale
+    optimizer._update_scale(optimizer.overflow)
+    norm = optimizer.scaled_global_norm()
+    optimizer._global_grad_norm = norm / prev_scale
+    # DeepSpeed's unscale_and_clip_grads, as a factor the kernel applies to each gradient
+    combined_scale = optimizer.loss_scale
+    if optimizer.clip_grad > 0.:
+        clip = torch.clamp(((norm / optimizer.loss_scale) + 1e-6) / optimizer.clip_grad, min=1.0)
+        combined_scale = clip * optimizer.loss_scale
+    grad_scale = 1. / combined_scale
+    if not torch.is_tensor(grad_scale):
+        grad_scale = torch.full((), grad_scale, dtype=torch.float32, device=norm.device)
+    adam = optimizer.optimizer
+    tables = optimizer.__dict__.setdefault("_one_pass_tables", {})
+    for i, group in enumerate(adam.param_groups):
+        partition, grads = optimizer.single_partition_of_fp32_groups[i], optimizer.averaged_gradients[i]
+        numels = tuple(g.numel() for g in grads)
+        if tables.get(i, (None,))[0] != numels:
+            tables[i] = (numels, BlockTable(numels, partition.device))
+        state = adam.state[partition]   # as FusedAdam.step keeps it
+        if len(state) == 0:
+            state.update(step=group.get("step", 0), exp_avg=torch.zeros_like(partition),
+                         exp_avg_sq=torch.zeros_like(partition))
+        group.setdefault("step", 0)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        adam_step(grads, grad_scale, partition, state["exp_avg"], state["exp_avg_sq"],
+                  optimizer.parallel_partitioned_bit16_groups[i][0], tables[i][1], group["lr"], beta1, beta2,
+                  group["eps"], state["step"], group["weight_decay"], decoupled=adam.adam_w_mode == 1,
+                  bias_correction=group["bias_correction"])
+        optimizer.free_grad_in_param_list(optimizer.params_in_partition[i])
+        optimizer.averaged_gradients[i] = None
+        optimizer._lazy_init_hp_params_optimizer_state()
+    for i in range(len(optimizer.bit16_groups)):
+        optimizer._update_model_bit16_weights(i)
+
+
 def install():
-    global _deepspeed_grad_norm, _deepspeed_allreduce_and_copy
+    global _deepspeed_grad_norm, _deepspeed_allreduce_and_copy, _deepspeed_step
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     if _deepspeed_grad_norm is None:
         _deepspeed_grad_norm = DeepSpeedZeroOptimizer.get_grad_norm_direct
         _deepspeed_allreduce_and_copy = DeepSpeedZeroOptimizer.allreduce_and_copy
+        _deepspeed_step = DeepSpeedZeroOptimizer.step
         DeepSpeedZeroOptimizer.get_grad_norm_direct = grad_norm_foreach
         DeepSpeedZeroOptimizer.allreduce_and_copy = allreduce_and_copy_one_rank
+        DeepSpeedZeroOptimizer.step = step_one_pass

@@ -19,6 +19,7 @@ def chain_inputs(name, device, dtype, seed=0):
         return nn.Parameter(torch.rand(*shape, generator=g).to(device, dtype))
 
     return {
+        "layer_norm": (act(B, T, C), param(C), param(C), 1e-5),
         "time_mix_inputs": (act(B, T, C), None, *[param(1, 1, C) for _ in range(6)]),
         "wkv7_inputs": (*[act(B, T, C) for _ in range(6)], *[param(1, 1, C) for _ in range(5)], N),
         "wkv7_inputs_layer0": (act(B, T, C), act(B, T, C), None, act(B, T, C), act(B, T, C), None,
@@ -32,7 +33,7 @@ def chain_inputs(name, device, dtype, seed=0):
     }[name]
 
 
-CHAIN_NAMES = ("time_mix_inputs", "wkv7_inputs", "wkv7_inputs_layer0", "wkv7_output", "channel_mix_input", "relu_square",
+CHAIN_NAMES = ("layer_norm", "time_mix_inputs", "wkv7_inputs", "wkv7_inputs_layer0", "wkv7_output", "channel_mix_input", "relu_square",
                "cross_entropy_grad")
 
 

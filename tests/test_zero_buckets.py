@@ -48,9 +48,9 @@ def test_training_equals_deepspeed_default(strategy, ranks):
     assert moved["max_change_from_init"] > 1e-3  # and the steps did train
 
 
-def train_steps(zero, rank, steps=6):
-    """Weights of a small RWKV after `steps` ZeRO-2 steps (bf16, grad clipping) with this zero_optimization, each
-    rank on its own batches."""
+def build_engine(zero, device="cpu", optimizer="torch"):
+    """A DeepSpeed engine (bf16, grad clipping, this zero_optimization) over a small RWKV, its config and its
+    initial weights (fp32 copies on the host). On the GPU the model has the chunked kernel's head size."""
     import dataclasses
 
     import deepspeed
@@ -58,11 +58,13 @@ def train_steps(zero, rank, steps=6):
 
     from src.config import TrainConfig
     from src.model import RWKV
-    cfg = TrainConfig(n_layer=2, n_embd=32, head_size=8, vocab_size=256, ctx_len=16, micro_bsz=4, lr_init=1e-2)
+    size = dict(n_embd=32, head_size=8, vocab_size=256, ctx_len=16) if device == "cpu" else \
+        dict(n_embd=128, head_size=64, vocab_size=512, ctx_len=64)
+    cfg = TrainConfig(n_layer=2, micro_bsz=4, lr_init=1e-2, cuda_graph=0, **size)
     torch.manual_seed(0)
-    model = RWKV(cfg.model_config(), dataclasses.replace(cfg.optim_config(), optimizer="torch"))
+    model = RWKV(cfg.model_config(), dataclasses.replace(cfg.optim_config(), optimizer=optimizer))
     model.init_weights()
-    init = [p.detach().clone() for p in model.parameters()]
+    init = [p.detach().float().cpu() for p in model.parameters()]
     # small buckets, so that the gradients go through several of them, and the embedding and head exceed one
     zero = {**zero, "reduce_bucket_size": 2000, "allgather_bucket_size": 2000}
     # offload runs torch's Adam on the host partition (DeepSpeedCPUAdam would need its extension built)
@@ -70,12 +72,25 @@ def train_steps(zero, rank, steps=6):
               "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
               "zero_optimization": zero}
     engine, *_ = deepspeed.initialize(model=model, optimizer=model.configure_optimizers(), config=config)
+    return engine, cfg, init
+
+
+def batches(cfg, rank, steps, device):
+    import torch
     tokens = torch.Generator().manual_seed(1 + rank)
     for _ in range(steps):
-        batch = torch.randint(0, cfg.vocab_size, (cfg.micro_bsz, cfg.ctx_len + 1), generator=tokens)
-        engine.backward(engine.module.training_step((batch[:, :-1], batch[:, 1:]), 0))
+        batch = torch.randint(0, cfg.vocab_size, (cfg.micro_bsz, cfg.ctx_len + 1), generator=tokens).to(device)
+        yield batch[:, :-1], batch[:, 1:]
+
+
+def train_steps(zero, rank=0, steps=6, device="cpu", optimizer="torch"):
+    """Weights (fp32 copies on the host) after `steps` steps of build_engine's engine, each rank on its own
+    batches, and the initial weights."""
+    engine, cfg, init = build_engine(zero, device, optimizer)
+    for batch in batches(cfg, rank, steps, device):
+        engine.backward(engine.module.training_step(batch, 0))
         engine.step()
-    return [p.detach().float() for p in engine.module.parameters()], init
+    return [p.detach().float().cpu() for p in engine.module.parameters()], init
 
 
 def rank_main(rank, zeros, ranks, port):
@@ -89,7 +104,7 @@ def rank_main(rank, zeros, ranks, port):
     (a, init), (b, _) = (train_steps(zero, rank) for zero in zeros)
     if rank == 0:
         print(json.dumps({"max_difference": max((p - q).abs().max().item() for p, q in zip(a, b)),
-                          "max_change_from_init": max((p - q.float()).abs().max().item() for p, q in zip(a, init))}),
+                          "max_change_from_init": max((p - q).abs().max().item() for p, q in zip(a, init))}),
               flush=True)
 
 

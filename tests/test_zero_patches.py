@@ -57,3 +57,42 @@ def test_average_over_one_rank_is_left_out(monkeypatch, ranks):
     DeepSpeedZeroOptimizer.allreduce_and_copy(types.SimpleNamespace(dp_process_group=None, sequence_parallel_size=1),
                                               bucket)
     assert averaged == ([] if ranks == 1 else [bucket])
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_adam_update_is_adam(decoupled):
+    """src/adam_step.py's arithmetic (DeepSpeed FusedAdam's, the one-kernel step's reference) over 5 steps equals
+    torch's AdamW (decoupled weight decay) or Adam (L2), bias correction included."""
+    from src.adam_step import adam_update, bias_corrections
+    g = torch.Generator().manual_seed(0)
+    hyper = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    p0 = torch.randn(1000, generator=g)
+    grads = [torch.randn(1000, generator=g) for _ in range(5)]
+    theirs = torch.nn.Parameter(p0.clone())
+    optimizer = (torch.optim.AdamW if decoupled else torch.optim.Adam)([theirs], **hyper)
+    ours, exp_avg, exp_avg_sq = p0.clone(), torch.zeros(1000), torch.zeros(1000)
+    for step, grad in enumerate(grads, 1):
+        theirs.grad = grad.clone()
+        optimizer.step()
+        bias_correction1, bias_correction2 = bias_corrections(*hyper["betas"], step)
+        ours, exp_avg, exp_avg_sq = adam_update(grad, ours, exp_avg, exp_avg_sq, hyper["lr"], *hyper["betas"],
+                                                hyper["eps"], bias_correction1, bias_correction2,
+                                                hyper["weight_decay"], decoupled)
+    assert (ours - p0).abs().max() > 1e-2
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(exp_avg_sq, optimizer.state[theirs]["exp_avg_sq"], rtol=1e-5, atol=0)
+
+
+def test_block_table_covers_every_element_once():
+    """Each gradient split in blocks of BLOCK elements: every (gradient, element) is in exactly one block, at its
+    place in the flat partition."""
+    from src.adam_step import BLOCK, BlockTable
+    numels = [1, BLOCK, BLOCK + 1, 3 * BLOCK - 5, 768]
+    table = BlockTable(numels, "cpu")
+    covered = torch.zeros(sum(numels), dtype=torch.int64)
+    for tensor, start in zip(table.tensor.tolist(), table.start.tolist()):
+        i = torch.arange(start, min(start + BLOCK, numels[tensor]))
+        covered[table.offset[tensor] + i] += 1
+    assert table.blocks == sum((n + BLOCK - 1) // BLOCK for n in numels)
+    assert torch.equal(covered, torch.ones_like(covered))
+    assert table.numel.tolist() == numels

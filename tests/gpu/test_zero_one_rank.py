@@ -1,6 +1,7 @@
-"""One GPU: plain ZeRO-2 without contiguous gradient buckets (train.py's setting there) leaves out DeepSpeed's
-average of each gradient bucket over the one rank (src/zero_patches.py): the same weights, bit for bit, and no
-bucket flattened. (On CPU DeepSpeed's fallback reduction skips CPU tensors altogether, so only a GPU shows it.)"""
+"""One GPU, plain ZeRO-2 (train.py's setting there), src/zero_patches.py: DeepSpeed's average of each gradient bucket
+over the one rank is left out (the same weights bit for bit, no bucket flattened; on CPU DeepSpeed's fallback
+reduction skips CPU tensors altogether, so only a GPU shows it), and the FusedAdam step runs as one kernel per
+parameter group (src/adam_step.py) with DeepSpeed's numbers."""
 import json
 import os
 import sys
@@ -13,36 +14,51 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
-def test_one_rank_skips_the_average_and_trains_the_same():
+@pytest.fixture(scope="module")
+def trained():
     from tests.conftest import run
-    out = json.loads(run(__file__, timeout=900).stdout.strip().splitlines()[-1])
-    assert out["max_difference"] == 0.0 and out["max_change_from_init"] > 1e-3
-    assert out["flattened_with_patch"] == 0 < out["flattened_without"]
+    return json.loads(run(__file__, timeout=900).stdout.strip().splitlines()[-1])
 
 
-def train_steps(zero, steps=6):
-    """Weights of a small RWKV after `steps` bf16 ZeRO steps on the GPU with this zero_optimization."""
-    import dataclasses
+def test_one_rank_skips_the_average_and_trains_the_same(trained):
+    average_left_out = trained["average_left_out"]
+    assert average_left_out["max_difference"] == 0.0 and average_left_out["max_change_from_init"] > 1e-3
+    assert average_left_out["flattened"]["patched"] == 0 < average_left_out["flattened"]["deepspeed"]
 
-    import deepspeed
 
-    from src.config import TrainConfig
-    from src.model import RWKV
-    cfg = TrainConfig(n_layer=2, n_embd=128, head_size=64, vocab_size=512, ctx_len=64, micro_bsz=4, lr_init=1e-2,
-                      cuda_graph=0)
-    torch.manual_seed(0)
-    model = RWKV(cfg.model_config(), dataclasses.replace(cfg.optim_config(), optimizer="torch"))
-    model.init_weights()
-    init = [p.detach().float().clone() for p in model.parameters()]
-    config = {"train_micro_batch_size_per_gpu": cfg.micro_bsz, "gradient_clipping": 1.0, "bf16": {"enabled": True},
-              "zero_allow_untested_optimizer": True, "zero_optimization": {**zero, "reduce_bucket_size": 20000}}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=model.configure_optimizers(), config=config)
-    tokens = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        batch = torch.randint(0, cfg.vocab_size, (cfg.micro_bsz, cfg.ctx_len + 1), generator=tokens).cuda()
-        engine.backward(engine.module.training_step((batch[:, :-1], batch[:, 1:]), 0))
-        engine.step()
-    return [p.detach().float().cpu() for p in engine.module.parameters()], init
+def test_one_kernel_step_equals_deepspeeds(trained):
+    """Each of 6 steps (lr 1e-2, gradient clipping) from the same weights, moments and gradients: the fp32 weights
+    and moments within an ulp or so of DeepSpeed's FusedAdam step (both divide and take the square root
+    approximately: DeepSpeed builds FusedAdam with --use_fast_math), the bf16 weights their rounding."""
+    steps = trained["one_pass_steps"]
+    assert len(steps) == 6 and all(step["groups"] >= 2 for step in steps)
+    for step in steps:
+        assert step["weights"] <= 1e-6 and step["exp_avg"] <= 1e-6 and step["exp_avg_sq"] <= 1e-6, step
+        assert step["bf16_differ"] <= 1e-3 and step["bf16_max"] <= 2 ** -7, step
+    assert trained["max_change_from_init"] > 1e-2
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_kernel_equals_reference(decoupled):
+    """The kernel against adam_update on gradients of awkward sizes (one element, a block and one, a narrowed view)."""
+    from src.adam_step import BlockTable, adam_step, adam_update, bias_corrections
+    g = torch.Generator(device="cuda").manual_seed(0)
+    base = torch.randn(5000, device="cuda", generator=g).bfloat16()
+    grads = [torch.randn(n, device="cuda", generator=g).bfloat16() for n in (1, 4097, 768 * 3)] + [base.narrow(0, 7, 999)]
+    n = sum(t.numel() for t in grads)
+    param, exp_avg = torch.randn(n, device="cuda", generator=g), torch.randn(n, device="cuda", generator=g) * 1e-2
+    exp_avg_sq = torch.rand(n, device="cuda", generator=g) * 1e-4
+    param_bf16 = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+    hyper = dict(lr=6e-4, beta1=0.9, beta2=0.99, eps=1e-18, weight_decay=0.1)
+    grad_scale = torch.tensor(0.37, device="cuda")
+    expected = adam_update(torch.cat(grads).float() * grad_scale, param, exp_avg, exp_avg_sq,
+                           bias_correction1=bias_corrections(0.9, 0.99, 3)[0],
+                           bias_correction2=bias_corrections(0.9, 0.99, 3)[1], decoupled=decoupled, **hyper)
+    adam_step(grads, grad_scale, param, exp_avg, exp_avg_sq, param_bf16, BlockTable([t.numel() for t in grads], "cuda"),
+              step=3, decoupled=decoupled, **hyper)
+    for ours, theirs in zip((param, exp_avg, exp_avg_sq), expected):   # an ulp or so: the order of rounding may differ
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6 * theirs.abs().max().item())
+    assert torch.equal(param_bf16, param.bfloat16())
 
 
 def main():
@@ -50,7 +66,7 @@ def main():
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     from src import zero_patches
-    from tests.test_zero_buckets import zero_optimization
+    from tests.test_zero_buckets import train_steps, zero_optimization
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29400 + os.getpid() % 500), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
     deepspeed.init_distributed(dist_backend="nccl")
@@ -61,15 +77,72 @@ def main():
     zero = zero_optimization("deepspeed_stage_2", 1)   # train.py's; building its trainer installs the patches
     assert not zero["contiguous_gradients"]
     assert DeepSpeedZeroOptimizer.allreduce_and_copy is zero_patches.allreduce_and_copy_one_rank
+    assert DeepSpeedZeroOptimizer.step is zero_patches.step_one_pass
+
+    # torch's Adam: DeepSpeed's step runs in both runs, only the average differs
     DeepSpeedZeroOptimizer.allreduce_and_copy = zero_patches._deepspeed_allreduce_and_copy
-    theirs, init = train_steps(zero)
-    flattened_without = len(flattened)
+    theirs, init = train_steps(zero, device="cuda")
+    flattened_theirs = len(flattened)
     DeepSpeedZeroOptimizer.allreduce_and_copy = zero_patches.allreduce_and_copy_one_rank
-    ours, _ = train_steps(zero)
-    print(json.dumps({"max_difference": max((p - q).abs().max().item() for p, q in zip(ours, theirs)),
-                      "max_change_from_init": max((p - q).abs().max().item() for p, q in zip(ours, init)),
-                      "flattened_with_patch": len(flattened) - flattened_without,
-                      "flattened_without": flattened_without}), flush=True)
+    ours, _ = train_steps(zero, device="cuda")
+    average_left_out = {"max_difference": max((p - q).abs().max().item() for p, q in zip(ours, theirs)),
+                        "max_change_from_init": max((p - q).abs().max().item() for p, q in zip(ours, init)),
+                        "flattened": {"deepspeed": flattened_theirs, "patched": len(flattened) - flattened_theirs}}
+    print(json.dumps({"average_left_out": average_left_out, **step_differences(zero)}), flush=True)
+
+
+def step_differences(zero, steps=6):
+    """Two engines from one init on the same batches, one stepping with DeepSpeed's step, the other with the
+    one-kernel step after taking the first's weights and optimizer state: for each step, the largest difference of
+    their fp32 weights and moments (relative to the largest value) and how many bf16 weights differ, and by how
+    much at most."""
+    import types
+
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from src import adam_step, zero_patches
+    from tests.test_zero_buckets import batches, build_engine
+    (theirs, cfg, init), (ours, _, _) = (build_engine(zero, "cuda", "fused") for _ in range(2))
+    theirs.optimizer.step = types.MethodType(zero_patches._deepspeed_step, theirs.optimizer)
+    assert DeepSpeedZeroOptimizer.step is zero_patches.step_one_pass
+    kernel_groups = []
+    kernel_step = adam_step.adam_step
+    adam_step.adam_step = lambda *a, **kw: kernel_groups.append(1) or kernel_step(*a, **kw)
+
+    def state(engine):
+        opt = engine.optimizer
+        moments = [opt.optimizer.state[p] for p in opt.single_partition_of_fp32_groups]
+        return {"weights": opt.single_partition_of_fp32_groups, "bf16": opt.bit16_groups_flat,
+                "exp_avg": [m.get("exp_avg") for m in moments], "exp_avg_sq": [m.get("exp_avg_sq") for m in moments],
+                "adam": moments}
+
+    def relative(a, b):
+        return max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(a, b))
+
+    differences = []
+    with torch.no_grad():
+        for batch in batches(cfg, 0, steps, "cuda"):
+            mine, yours = state(ours), state(theirs)
+            for name in ("weights", "bf16", "exp_avg", "exp_avg_sq"):
+                for x, y in zip(mine[name], yours[name]):
+                    if y is not None:
+                        x.copy_(y)
+            for x, y in zip(mine["adam"], yours["adam"]):
+                if "step" in y:
+                    x["step"] = y["step"]
+            for engine in (theirs, ours):
+                with torch.enable_grad():
+                    engine.backward(engine.module.training_step(batch, 0))
+                groups = len(kernel_groups)
+                engine.step()
+            mine, yours = state(ours), state(theirs)
+            bf16 = [(x.float() - y.float()).abs() for x, y in zip(mine["bf16"], yours["bf16"])]
+            differences.append({name: relative(mine[name], yours[name]) for name in ("weights", "exp_avg", "exp_avg_sq")}
+                               | {"bf16_differ": sum((d > 0).sum().item() for d in bf16) / sum(d.numel() for d in bf16),
+                                  "bf16_max": max(d.max().item() for d in bf16), "groups": len(kernel_groups) - groups})
+    weights = [p.detach().float().cpu() for p in theirs.module.parameters()]
+    return {"one_pass_steps": differences,
+            "max_change_from_init": max((p - q).abs().max().item() for p, q in zip(weights, init))}
 
 
 if __name__ == "__main__":
