@@ -1,5 +1,7 @@
 """src/zero_patches.py: the multi-tensor gradient norm that replaces DeepSpeed ZeRO-1/2's per-parameter loop gives
-its numbers, and the average of a gradient bucket is left out over one rank only."""
+its numbers, the average of a gradient bucket is left out over one rank only, and the one-kernel optimizer step's
+pieces that run on CPU (src/adam_step.py: its arithmetic, its block table) are right. The kernel itself and the
+step against DeepSpeed's: tests/gpu/test_zero_one_rank.py."""
 import types
 
 import pytest
