@@ -41,6 +41,9 @@ class BlockTable:
     are the same every step, unlike the gradients' addresses)."""
 
     def __init__(self, numels, device):
+        # all sizes multiples of 8 let the kernel move 16 bytes per load (8 bf16 / 4 fp32), where it can count on
+        # nothing but single elements otherwise (MiniPile's sizes on an H100: 1.82 against 2.16 ms a step)
+        self.align = 8 if all(n % 8 == 0 for n in numels) else 1
         numels = torch.tensor(numels, dtype=torch.int64)
         blocks = (numels + BLOCK - 1) // BLOCK
         first_block = torch.cumsum(blocks, 0) - blocks
@@ -52,6 +55,13 @@ class BlockTable:
             t.to(device) for t in (self.tensor, self.start, self.offset, self.numel))
         self.blocks = len(self.start)
 
+    def grad_offsets(self, grads):
+        """Where each bf16 gradient starts, in elements from the first one's address, and the alignment the kernel
+        may assume: `align` if every gradient is as aligned as the first (Triton checks that one itself)."""
+        base = grads[0].data_ptr()
+        offsets = [g.data_ptr() - base for g in grads]
+        return [o // 2 for o in offsets], self.align if all(o % (2 * self.align) == 0 for o in offsets) else 1
+
 
 def adam_step(grads, grad_scale, param, exp_avg, exp_avg_sq, param_bf16, table, lr, beta1, beta2, eps, step,
               weight_decay, decoupled, bias_correction=True):
@@ -59,11 +69,12 @@ def adam_step(grads, grad_scale, param, exp_avg, exp_avg_sq, param_bf16, table, 
     laid end to end, each multiplied by grad_scale (a 0-dim fp32 tensor: 1 / the clipping factor); writes the new
     weights to param_bf16 too. `table`: the BlockTable of the gradients' sizes."""
     bias_correction1, bias_correction2 = bias_corrections(beta1, beta2, step) if bias_correction else (1.0, 1.0)
-    addresses = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64).pin_memory()
+    grad_offsets, align = table.grad_offsets(grads)
+    grad_offsets = torch.tensor(grad_offsets, dtype=torch.int64).pin_memory()   # pinned: a copy that does not wait
     _adam_kernel()[(table.blocks,)](
-        addresses.to(param.device, non_blocking=True), table.tensor, table.start, table.numel, table.offset,
-        param, exp_avg, exp_avg_sq, param_bf16, grad_scale, lr, beta1, beta2, eps, bias_correction1,
-        bias_correction2, weight_decay, DECOUPLED=decoupled, BLOCK=BLOCK, num_warps=8)
+        grads[0], grad_offsets.to(param.device, non_blocking=True), table.tensor, table.start, table.numel,
+        table.offset, param, exp_avg, exp_avg_sq, param_bf16, grad_scale, lr, beta1, beta2, eps, bias_correction1,
+        bias_correction2, weight_decay, DECOUPLED=decoupled, BLOCK=BLOCK, ALIGN=align, num_warps=8)
 
 
 _kernel = None
@@ -78,17 +89,18 @@ def _adam_kernel():
     import triton.language as tl
 
     @triton.jit
-    def adam_kernel(grad_addresses, block_tensor, block_start, tensor_numel, tensor_offset,
+    def adam_kernel(grads, grad_offsets, block_tensor, block_start, tensor_numel, tensor_offset,
                     param, exp_avg, exp_avg_sq, param_bf16, grad_scale,
                     lr, beta1, beta2, eps, bias_correction1, bias_correction2, weight_decay,
-                    DECOUPLED: tl.constexpr, BLOCK: tl.constexpr):
+                    DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
         block = tl.program_id(0)
         tensor = tl.load(block_tensor + block)
-        i = tl.load(block_start + block) + tl.arange(0, BLOCK)
-        mask = i < tl.load(tensor_numel + tensor)
-        flat = tl.load(tensor_offset + tensor) + i
-        grad_ptr = tl.load(grad_addresses + tensor).to(tl.pointer_type(tl.bfloat16))
-        g = tl.load(grad_ptr + i, mask=mask).to(tl.float32) * tl.load(grad_scale)
+        # the hints (sizes, offsets and starts are multiples of ALIGN) let the loads and stores take ALIGN at once
+        i = tl.multiple_of(tl.load(block_start + block), BLOCK) + tl.arange(0, BLOCK)
+        mask = i < tl.multiple_of(tl.load(tensor_numel + tensor), ALIGN)
+        flat = tl.multiple_of(tl.load(tensor_offset + tensor), ALIGN) + i
+        grad = grads + tl.multiple_of(tl.load(grad_offsets + tensor), ALIGN) + i
+        g = tl.load(grad, mask=mask).to(tl.float32) * tl.load(grad_scale)
         p = tl.load(param + flat, mask=mask)
         m = tl.load(exp_avg + flat, mask=mask)
         v = tl.load(exp_avg_sq + flat, mask=mask)

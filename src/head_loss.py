@@ -63,14 +63,19 @@ class ChunkedHeadLoss(torch.autograd.Function):
         x2, targets = x.reshape(n, C), targets.reshape(n)
         grad_x = torch.empty_like(x2)
         acc = torch.promote_types(x.dtype, torch.float32)   # the head's gradient and the loss summed in fp32 at least
-        grad_w = torch.zeros(head_weight.shape, dtype=acc, device=x.device)
+        # one chunk: its product is the head's gradient, summed in fp32 inside the GEMM (no [V,C] fp32 passes)
+        one_chunk = n <= chunk_tokens
+        grad_w = None if one_chunk else torch.zeros(head_weight.shape, dtype=acc, device=x.device)
         loss_sum = torch.zeros((), dtype=acc, device=x.device)
         for start in range(0, n, chunk_tokens):
             xc = x2[start:start + chunk_tokens]
             chunk_loss, grad = cross_entropy_grad(xc @ head_weight.T, targets[start:start + chunk_tokens], n, fused=True)
             loss_sum += chunk_loss
-            grad_x[start:start + chunk_tokens] = grad @ head_weight
-            grad_w += grad.T @ xc
+            torch.mm(grad, head_weight, out=grad_x[start:start + chunk_tokens])
+            if one_chunk:
+                grad_w = grad.T @ xc
+            else:
+                grad_w += grad.T @ xc
         ctx.save_for_backward(grad_x.view(B, T, C), grad_w.to(head_weight.dtype))
         return loss_sum / n
 
@@ -81,5 +86,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
         return grad_x * grad_output.to(grad_x.dtype), grad_w * grad_output.to(grad_w.dtype), None, None
 
 
-def head_loss_chunked(x, head_weight, targets, chunk_tokens=4096):
+def head_loss_chunked(x, head_weight, targets, chunk_tokens=8192):
+    """chunk_tokens 8192 takes a MiniPile-size step (16 x 512 tokens) in one chunk: 1 GB of bf16 logits, and the
+    head's gradient straight from one product (0.6 ms less of a 41 ms step than two chunks on an H100)."""
     return ChunkedHeadLoss.apply(x, head_weight, targets, chunk_tokens)

@@ -98,3 +98,17 @@ def test_block_table_covers_every_element_once():
     assert table.blocks == sum((n + BLOCK - 1) // BLOCK for n in numels)
     assert torch.equal(covered, torch.ones_like(covered))
     assert table.numel.tolist() == numels
+
+
+def test_block_table_claims_alignment_only_where_it_holds():
+    """The kernel reads 8 elements at once only when every size, and every gradient's distance from the first, is
+    a multiple of 8 elements; the offsets it gets locate each gradient."""
+    from src.adam_step import BlockTable
+    flat = torch.zeros(4096, dtype=torch.bfloat16)
+    aligned = [flat[0:16], flat[64:64 + 768], flat[1024:1032]]
+    offsets, align = BlockTable([16, 768, 8], "cpu").grad_offsets(aligned)
+    assert (offsets, align) == ([0, 64, 1024], 8)
+    shifted = [flat[0:16], flat[68:68 + 768], flat[1024:1032]]   # 8 bytes off
+    assert BlockTable([16, 768, 8], "cpu").grad_offsets(shifted) == ([0, 68, 1024], 1)
+    odd_size = [flat[0:16], flat[64:64 + 767]]
+    assert BlockTable([16, 767], "cpu").grad_offsets(odd_size) == ([0, 64], 1)

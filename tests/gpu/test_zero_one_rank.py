@@ -39,12 +39,18 @@ def test_one_kernel_step_equals_deepspeeds(trained):
 
 
 @pytest.mark.parametrize("decoupled", [True, False])
-def test_kernel_equals_reference(decoupled):
-    """The kernel against adam_update on gradients of awkward sizes (one element, a block and one, a narrowed view)."""
+@pytest.mark.parametrize("sizes, view_at, align", [((1, 4097, 768 * 3), 7, 1), ((8, 4104, 768 * 3), 8, 8),
+                                                   ((8, 4104, 768 * 3), 4, 1)])
+def test_kernel_equals_reference(decoupled, sizes, view_at, align):
+    """The kernel against adam_update on gradients of awkward sizes (one element, a block and one, a view into
+    another tensor), and of sizes that let it read 8 elements at once, with the view aligned and not."""
     from src.adam_step import BlockTable, adam_step, adam_update, bias_corrections
     g = torch.Generator(device="cuda").manual_seed(0)
     base = torch.randn(5000, device="cuda", generator=g).bfloat16()
-    grads = [torch.randn(n, device="cuda", generator=g).bfloat16() for n in (1, 4097, 768 * 3)] + [base.narrow(0, 7, 999)]
+    grads = [torch.randn(n, device="cuda", generator=g).bfloat16() for n in sizes]
+    grads.append(base.narrow(0, view_at, 999 if align == 1 else 1000))
+    table = BlockTable([t.numel() for t in grads], "cuda")
+    assert table.grad_offsets(grads)[1] == align
     n = sum(t.numel() for t in grads)
     param, exp_avg = torch.randn(n, device="cuda", generator=g), torch.randn(n, device="cuda", generator=g) * 1e-2
     exp_avg_sq = torch.rand(n, device="cuda", generator=g) * 1e-4
@@ -54,8 +60,7 @@ def test_kernel_equals_reference(decoupled):
     expected = adam_update(torch.cat(grads).float() * grad_scale, param, exp_avg, exp_avg_sq,
                            bias_correction1=bias_corrections(0.9, 0.99, 3)[0],
                            bias_correction2=bias_corrections(0.9, 0.99, 3)[1], decoupled=decoupled, **hyper)
-    adam_step(grads, grad_scale, param, exp_avg, exp_avg_sq, param_bf16, BlockTable([t.numel() for t in grads], "cuda"),
-              step=3, decoupled=decoupled, **hyper)
+    adam_step(grads, grad_scale, param, exp_avg, exp_avg_sq, param_bf16, table, step=3, decoupled=decoupled, **hyper)
     for ours, theirs in zip((param, exp_avg, exp_avg_sq), expected):   # an ulp or so: the order of rounding may differ
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6 * theirs.abs().max().item())
     assert torch.equal(param_bf16, param.bfloat16())
