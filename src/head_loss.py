@@ -71,7 +71,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
             xc = x2[start:start + chunk_tokens]
             chunk_loss, grad = cross_entropy_grad(xc @ head_weight.T, targets[start:start + chunk_tokens], n, fused=True)
             loss_sum += chunk_loss
-            torch.mm(grad, head_weight, out=grad_x[start:start + chunk_tokens])
+            grad_x[start:start + chunk_tokens] = grad @ head_weight
             if one_chunk:
                 grad_w = grad.T @ xc
             else:

@@ -195,6 +195,25 @@ def test_chunked_head_loss_equals_reference(chunk_tokens):
     assert torch.allclose(gx, gx_ref, rtol=1e-5, atol=1e-9) and torch.allclose(gw, gw_ref, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("chunk_tokens", [16, 1000])
+def test_chunked_head_loss_under_autocast(chunk_tokens):
+    """Lightning's bf16 precision without DeepSpeed: fp32 weights and hidden state, the products in bf16 by
+    autocast. The chunked loss and gradients come out in fp32 and near the reference's under the same autocast."""
+    torch.manual_seed(0)
+    B, T, C, V = 2, 16, 32, 97
+    x = torch.randn(B, T, C, requires_grad=True)
+    w = (torch.randn(V, C) * 0.5).requires_grad_()
+    targets = torch.randint(0, V, (B, T))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_ref = head_loss_reference(x, w, targets)
+        loss = head_loss_chunked(x, w, targets, chunk_tokens)
+    gx_ref, gw_ref = torch.autograd.grad(loss_ref, (x, w))
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    assert gx.dtype == gw.dtype == torch.float32
+    assert torch.allclose(loss.float(), loss_ref.float(), rtol=1e-2)
+    assert torch.allclose(gx, gx_ref, rtol=0.05, atol=1e-4) and torch.allclose(gw, gw_ref, rtol=0.05, atol=1e-4)
+
+
 def grads_of(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
