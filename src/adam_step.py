@@ -3,8 +3,9 @@
 DeepSpeed's ZeRO step makes the flat fp32 gradient of a partition in three passes (concatenate the bf16
 gradients, convert to fp32, multiply by the clipping factor), runs FusedAdam over it, and copies the updated
 fp32 weights to the bf16 model weights: five passes. `adam_step` reads each bf16 gradient where autograd left it
-(a table of addresses), scales it, updates the weights and both moments with FusedAdam's arithmetic, and writes the
-bf16 weights, in one Triton kernel. `adam_update` is the same arithmetic in PyTorch, its reference in tests.
+(located by its offset from the first one's address), scales it, updates the weights and both moments with
+FusedAdam's arithmetic, and writes the bf16 weights, in one Triton kernel. `adam_update` is the same arithmetic
+in PyTorch, its reference in tests.
 """
 import torch
 
