@@ -2,12 +2,12 @@
 
 `head_loss_reference` is the plain form: full logits, F.cross_entropy, L2Wrap. `head_loss_chunked` computes
 the same loss and gradients a chunk of tokens at a time, inside its forward pass, so the [B*T, V] logits
-(12.9 GB in bf16 at ctx 4096 x 24) never exist at once, and nothing is recomputed in backward.
+(12.9 GB in bf16 at ctx 4096 x 24) never exist at once, and nothing is recomputed in backward. Each chunk's
+softmax, loss and gradient is `cross_entropy_grad`, on CUDA its Triton form `cross_entropy_grad_triton`.
 """
 import torch
 import torch.nn.functional as F
 
-from src.chain import Chain
 
 L2WRAP_FACTOR = 1e-4
 
@@ -39,7 +39,6 @@ def head_loss_reference(x, head_weight, targets):
     return L2Wrap.apply(loss, logits)
 
 
-@Chain
 def cross_entropy_grad(logits, targets, n):
     """For one chunk of logits [n_c, V] (softmax in fp32 at least): the summed cross-entropy, and its gradient
     for the mean over all n tokens with L2Wrap's extra gradient (1e-4 x the max logit at the argmax) added,
@@ -55,6 +54,17 @@ def cross_entropy_grad(logits, targets, n):
     return (log_z - logits.gather(-1, targets)).sum(), (grad / n).to(out_dtype)
 
 
+def cross_entropy_grad_triton(logits, targets, n):
+    """cross_entropy_grad for CUDA logits up to fp32 as one Triton kernel, a program per row: one pass for the max, its first
+    index and the softmax sum, one pass writing the gradient (the row is still in L2 then). Two reads of the logits
+    where compiled code makes three: 0.95 against 1.34 ms for MiniPile's 8192 x 65536 on an H200."""
+    rows, V = logits.shape
+    grad = torch.empty_like(logits)
+    row_loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    _ce_kernel()[(rows,)](logits, targets, grad, row_loss, V, 1.0 / n, L2WRAP_FACTOR, BLOCK_V=1024, num_warps=8)
+    return row_loss.sum(), grad
+
+
 class ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, head_weight, targets, chunk_tokens):
@@ -67,9 +77,10 @@ class ChunkedHeadLoss(torch.autograd.Function):
         one_chunk = n <= chunk_tokens
         grad_w = None if one_chunk else torch.zeros(head_weight.shape, dtype=acc, device=x.device)
         loss_sum = torch.zeros((), dtype=acc, device=x.device)
+        cross_entropy = cross_entropy_grad_triton if x.is_cuda and x.dtype != torch.float64 else cross_entropy_grad
         for start in range(0, n, chunk_tokens):
             xc = x2[start:start + chunk_tokens]
-            chunk_loss, grad = cross_entropy_grad(xc @ head_weight.T, targets[start:start + chunk_tokens], n, fused=True)
+            chunk_loss, grad = cross_entropy(xc @ head_weight.T, targets[start:start + chunk_tokens], n)
             loss_sum += chunk_loss
             grad_x[start:start + chunk_tokens] = grad @ head_weight
             if one_chunk:
@@ -90,3 +101,49 @@ def head_loss_chunked(x, head_weight, targets, chunk_tokens=8192):
     """chunk_tokens 8192 takes a MiniPile-size step (16 x 512 tokens) in one chunk: 1 GB of bf16 logits, and the
     head's gradient straight from one product (0.6 ms less of a 41 ms step than two chunks on an H100)."""
     return ChunkedHeadLoss.apply(x, head_weight, targets, chunk_tokens)
+
+
+_ce_cache = None
+
+
+def _ce_kernel():
+    """The Triton kernel, defined on first use (Triton comes with CUDA builds of torch only)."""
+    global _ce_cache
+    if _ce_cache is not None:
+        return _ce_cache
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def ce_kernel(logits, targets, grad, row_loss, V, inv_n, l2wrap, BLOCK_V: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        logits += row * V
+        grad += row * V
+        cols = tl.arange(0, BLOCK_V)
+        # per lane: the running max, its first index, and the sum of exp(x - running max); one exp per logit
+        lane_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        lane_arg = tl.zeros([BLOCK_V], dtype=tl.int32)
+        lane_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for start in range(0, V, BLOCK_V):
+            i = start + cols
+            ok = i < V
+            x = tl.load(logits + i, mask=ok, other=float("-inf")).to(tl.float32)
+            take = x > lane_max   # strictly: a lane keeps its first maximum, as torch.max's index
+            e = tl.where(ok, tl.exp(tl.minimum(x, lane_max) - tl.maximum(x, lane_max)), 0.0)
+            lane_sum = tl.where(take, lane_sum * e + 1.0, lane_sum + e)
+            lane_max = tl.where(take, x, lane_max)
+            lane_arg = tl.where(take, i, lane_arg)
+        m = tl.max(lane_max, axis=0)
+        log_z = m + tl.log(tl.sum(lane_sum * tl.exp(lane_max - m), axis=0))
+        argmax = tl.min(tl.where(lane_max == m, lane_arg, V), axis=0)
+        target = tl.load(targets + row)
+        tl.store(row_loss + row, log_z - tl.load(logits + target).to(tl.float32))
+        l2 = m * l2wrap
+        for start in range(0, V, BLOCK_V):
+            i = start + cols
+            x = tl.load(logits + i, mask=i < V, other=0.0).to(tl.float32)
+            g = tl.exp(x - log_z) - tl.where(i == target, 1.0, 0.0) + tl.where(i == argmax, l2, 0.0)
+            tl.store(grad + i, (g * inv_n).to(grad.dtype.element_ty), mask=i < V)
+
+    _ce_cache = ce_kernel
+    return _ce_cache

@@ -3,7 +3,7 @@
 import torch
 import torch.nn as nn
 
-from src import head_loss, model
+from src import model
 
 B, T, H, N = 2, 32, 4, 16
 C = H * N
@@ -19,7 +19,6 @@ def chain_inputs(name, device, dtype, seed=0):
         return nn.Parameter(torch.rand(*shape, generator=g).to(device, dtype))
 
     return {
-        "layer_norm": (act(B, T, C), param(C), param(C), 1e-5),
         "time_mix_inputs": (act(B, T, C), None, *[param(1, 1, C) for _ in range(6)]),
         "wkv7_inputs": (*[act(B, T, C) for _ in range(6)], *[param(1, 1, C) for _ in range(5)], N),
         "wkv7_inputs_layer0": (act(B, T, C), act(B, T, C), None, act(B, T, C), act(B, T, C), None,
@@ -27,14 +26,10 @@ def chain_inputs(name, device, dtype, seed=0):
         "wkv7_output": (*[act(B, T, H, N) for _ in range(4)], act(B, T, C), param(H, N), param(C), param(C), 64e-5),
         "channel_mix_input": (act(B, T, C), None, param(1, 1, C)),
         "relu_square": (act(B, T, C),),
-        # logits at a trained model's scale, a ragged last chunk's length, targets that hit the argmax too
-        "cross_entropy_grad": ((4 * torch.randn(B * T - 5, 1000, generator=g)).to(device, dtype),
-                               torch.randint(0, 1000, (B * T - 5,), generator=g).to(device), B * T),
     }[name]
 
 
-CHAIN_NAMES = ("layer_norm", "time_mix_inputs", "wkv7_inputs", "wkv7_inputs_layer0", "wkv7_output", "channel_mix_input", "relu_square",
-               "cross_entropy_grad")
+CHAIN_NAMES = ("time_mix_inputs", "wkv7_inputs", "wkv7_inputs_layer0", "wkv7_output", "channel_mix_input", "relu_square")
 
 
 def outputs_and_grads(fn, args, seed=1):
@@ -53,5 +48,4 @@ def outputs_and_grads(fn, args, seed=1):
 
 
 def chain(name):
-    name = name.removesuffix("_layer0")
-    return getattr(head_loss if name == "cross_entropy_grad" else model, name)
+    return getattr(model, name.removesuffix("_layer0"))
