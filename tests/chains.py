@@ -29,7 +29,8 @@ def chain_inputs(name, device, dtype, seed=0):
     }[name]
 
 
-CHAIN_NAMES = ("time_mix_inputs", "wkv7_inputs", "wkv7_inputs_layer0", "wkv7_output", "channel_mix_input", "relu_square")
+CHAIN_NAMES = ("time_mix_inputs", "wkv7_inputs", "wkv7_inputs_layer0", "wkv7_output", "channel_mix_input",
+               "relu_square")
 
 
 def outputs_and_grads(fn, args, seed=1):
