@@ -12,10 +12,12 @@ CORPUS = os.path.join(ROOT, "..", "shared", "data", "corpus", "train-00.jsonl.zs
 CTX, VOCAB = 16, 256
 
 
-def run(*args, timeout=1200):
-    """Run a Python script from the repo root; fail the test with its output's tail if it fails."""
+def run(*args, timeout=1200, env=None):
+    """Run a Python script from the repo root (with `env` added to the environment); fail the test with its
+    output's tail if it fails."""
     import subprocess
-    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, env=None if env is None else {**os.environ, **env})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
 

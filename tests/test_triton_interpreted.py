@@ -2,25 +2,18 @@
 Triton is installed (.ci/run installs it), against their PyTorch references. The GPU runs them compiled in
 tests/gpu/test_norm_loss_kernels.py; here their indexing, masks and partial sums are checked on every CI run.
 Each check runs in its own process: TRITON_INTERPRET must be set before Triton is first imported."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from src import head_loss, layer_norm
+from tests.conftest import run
 
 pytest.importorskip("triton")
 
 
 def run_interpreted(call):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = f"import tests.test_triton_interpreted as t; t.{call}"
-    result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run("-c", f"import tests.test_triton_interpreted as t; t.{call}", timeout=600, env={"TRITON_INTERPRET": "1"})
 
 
 def check_layer_norm():
@@ -63,7 +56,8 @@ def check_cross_entropy():
 
 def test_layer_norm_kernels():
     """Forward and backward against F.layer_norm in float64 for 1, 13 and 21 rows, the backward's rows split over 3
-    programs (uneven ranges, a ragged last tile, an idle program) and its partial sums added by the second kernel."""
+    programs (uneven ranges, a ragged last tile; one program for one row) and its partial sums added by the second
+    kernel."""
     run_interpreted("check_layer_norm()")
 
 
