@@ -7,6 +7,8 @@ fp32 weights to the bf16 model weights: five passes. `adam_step` reads each bf16
 FusedAdam's arithmetic, and writes the bf16 weights, in one Triton kernel. `adam_update` is the same arithmetic
 in PyTorch, its reference in tests.
 """
+import functools
+
 import torch
 
 BLOCK = 4096  # elements per program; a gradient's last block is masked
@@ -78,14 +80,9 @@ def adam_step(grads, grad_scale, param, exp_avg, exp_avg_sq, param_bf16, table, 
         bias_correction2, weight_decay, DECOUPLED=decoupled, BLOCK=BLOCK, ALIGN=align, num_warps=8)
 
 
-_kernel = None
-
-
+@functools.cache
 def _adam_kernel():
     """The Triton kernel, defined on first use (Triton comes with CUDA builds of torch only)."""
-    global _kernel
-    if _kernel is not None:
-        return _kernel
     import triton
     import triton.language as tl
 
@@ -118,5 +115,4 @@ def _adam_kernel():
         tl.store(exp_avg_sq + flat, v, mask=mask)
         tl.store(param_bf16 + flat, p.to(tl.bfloat16), mask=mask)
 
-    _kernel = adam_kernel
-    return _kernel
+    return adam_kernel

@@ -5,6 +5,8 @@ the same loss and gradients a chunk of tokens at a time, inside its forward pass
 (12.9 GB in bf16 at ctx 4096 x 24) never exist at once, and nothing is recomputed in backward. Each chunk's
 softmax, loss and gradient is `cross_entropy_grad`, on CUDA its Triton form `cross_entropy_grad_triton`.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -104,14 +106,9 @@ def head_loss_chunked(x, head_weight, targets, chunk_tokens=8192):
     return ChunkedHeadLoss.apply(x, head_weight, targets, chunk_tokens)
 
 
-_ce_cache = None
-
-
+@functools.cache
 def _ce_kernel():
     """The Triton kernel, defined on first use (Triton comes with CUDA builds of torch only)."""
-    global _ce_cache
-    if _ce_cache is not None:
-        return _ce_cache
     import triton
     import triton.language as tl
 
@@ -146,5 +143,4 @@ def _ce_kernel():
             g = tl.exp(x - log_z) - tl.where(i == target, 1.0, 0.0) + tl.where(i == argmax, l2, 0.0)
             tl.store(grad + i, (g * inv_n).to(grad.dtype.element_ty), mask=i < V)
 
-    _ce_cache = ce_kernel
-    return _ce_cache
+    return ce_kernel

@@ -5,6 +5,8 @@ backward kernel takes a fixed range of rows, writes their input gradient, and ke
 gradients in registers, written once as one row of a [programs, C] fp32 buffer that a second kernel sums. The
 row ranges are fixed, so the result is the same on every run. `F.layer_norm` is the reference in tests.
 """
+import functools
+
 import torch
 
 # rows per tile and warps per program, the backward's programs per multiprocessor, and the columns per program of
@@ -71,14 +73,9 @@ def layer_norm_triton(x, weight, bias, eps):
     return LayerNorm.apply(x.contiguous(), weight, bias, eps)
 
 
-_kernels_cache = None
-
-
+@functools.cache
 def _kernels():
     """The Triton kernels, defined on first use (Triton comes with CUDA builds of torch only)."""
-    global _kernels_cache
-    if _kernels_cache is not None:
-        return _kernels_cache
     import types
 
     import triton
@@ -149,6 +146,5 @@ def _kernels():
         tl.store(grad_w + cols, tl.sum(acc_w, axis=0).to(grad_w.dtype.element_ty), mask=col_ok)
         tl.store(grad_b + cols, tl.sum(acc_b, axis=0).to(grad_b.dtype.element_ty), mask=col_ok)
 
-    _kernels_cache = types.SimpleNamespace(forward=forward, backward=backward, sum_partials=sum_partials,
-                                           next_power_of_2=triton.next_power_of_2)
-    return _kernels_cache
+    return types.SimpleNamespace(forward=forward, backward=backward, sum_partials=sum_partials,
+                                 next_power_of_2=triton.next_power_of_2)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from src.head_loss import L2WRAP_FACTOR, cross_entropy_grad, cross_entropy_grad_triton
 from src.layer_norm import layer_norm_triton
+from tools.bench_kernel import rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -24,10 +25,6 @@ def outputs_and_grads(fn, x, w, b, grad_y):
     return (y, *torch.autograd.grad(y, (x, w, b), grad_y.to(y.dtype)))
 
 
-def relative_rms(a, ref):
-    return ((a.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
-
-
 @pytest.mark.parametrize("shape", [(1, 1, 48), (3, 7, 100), (16, 512, 768), (1, 4133, 1024)])
 def test_layer_norm_kernel_is_as_accurate_as_pytorch(shape):
     """bf16 in and out: the output and the gradients of x, weight and bias are as close to the float64 result
@@ -39,7 +36,7 @@ def test_layer_norm_kernel_is_as_accurate_as_pytorch(shape):
     kernel = outputs_and_grads(lambda *a: layer_norm_triton(*a, 1e-5), x, w, b, grad_y)
     for name, e, p, k in zip(("y", "grad x", "grad weight", "grad bias"), exact, pytorch, kernel):
         assert k.shape == p.shape and k.dtype == p.dtype
-        err_pytorch, err_kernel = relative_rms(p, e), relative_rms(k, e)
+        err_pytorch, err_kernel = rel_err(p, e), rel_err(k, e)
         print(f"{shape} {name}: relative RMS error PyTorch {err_pytorch:.2e}, kernel {err_kernel:.2e}")
         assert err_kernel <= 1.5 * err_pytorch + 1e-6
 
