@@ -12,7 +12,8 @@ CTX_LEN="4096"
 PROJ_DIR="out/L${N_LAYER}-D${N_EMBD}-${MODEL_TYPE}"
 
 M_BSZ="24"          # micro batch per GPU
-GRAD_CP=1           # 1: 17 GB on one GPU; 3: keep the matrix products (same numbers, ~8% faster, 62 GB: README "Speed")
+GRAD_CP=1           # 1: 17 GB on one GPU; 3: keep the matrix products (same numbers, ~10% faster, 63 GB); 2: keep the
+                    # wkv7 outputs too (~17% faster, 100 GB: an H200). README "Speed"
 N_NODE=1
 GPU_PER_NODE=1
 EPOCH_COUNT=80
