@@ -21,6 +21,8 @@
 //                     + [t'=CHUNK-1] sum_i S[i,:] G[i,:] at the chunk end.
 // The row kernels' chunk inputs arrive by cp.async, one chunk ahead. The same algorithm, in float64
 // PyTorch, is checked against the oracle in tests/test_wkv7.py.
+#include <type_traits>
+
 #include "wkv7_common.cuh"
 
 #if _N_ == 32 || _N_ == 64
@@ -119,11 +121,12 @@ __device__ __forceinline__ void prep_columns(const bf16 *raw, float *vec, float 
 // Row kernels
 
 constexpr int RPT = 4;                   // state rows per thread
-constexpr int CPT = 8;                   // state columns per thread
+constexpr int CPT = N / 4;               // state columns per thread: 4 threads share a row
 constexpr int NQ = CPT / 4;              // float4 groups per thread and row
 constexpr int TPR = N / CPT;             // threads sharing a row
 constexpr int NT_ROW = (N / RPT) * TPR;  // threads per block
-static_assert(NT_ROW % 32 == 0 && TPR >= 4 && TPR <= 32 && N * N / 4 % NT_ROW == 0, "row kernel layout");
+static_assert(NT_ROW % 32 == 0 && (RPT == 2 || RPT == 4 || RPT == 8) && RPT <= TPR && TPR <= 32 &&
+                  N * N / 4 % NT_ROW == 0, "row kernel layout");  // RPT: see load_rows
 
 struct RowSmem {
     bf16 raw[2][NRAW * CHUNK * N];  // double-buffered chunk inputs
@@ -232,27 +235,34 @@ __device__ __forceinline__ void row_allreduce(float (&p)[RPT]) {
         for (int x = 0; x < RPT; ++x) p[x] += __shfl_xor_sync(0xffffffffu, p[x], off);
 }
 
-// The full sum of row (q & 3) of the row group (meaningful for q < RPT); p is clobbered.
+// The full sum of row (q & (RPT - 1)) of the row group (meaningful for q < RPT); p is clobbered.
 __device__ __forceinline__ float row_scatter(float (&p)[RPT], int q) {
-    // reduce-scatter within aligned groups of 4 threads (3 shuffles), then a butterfly across them
-    const bool o1 = q & 1, o2 = q & 2;
-    const float a = (o1 ? p[1] : p[0]) + __shfl_xor_sync(0xffffffffu, o1 ? p[0] : p[1], 1);
-    const float b = (o1 ? p[3] : p[2]) + __shfl_xor_sync(0xffffffffu, o1 ? p[2] : p[3], 1);
-    float mine = (o2 ? b : a) + __shfl_xor_sync(0xffffffffu, o2 ? a : b, 2);
+    // reduce-scatter within aligned groups of RPT threads (RPT - 1 shuffles): at offset o each thread keeps
+    // the rows whose bit o matches its own and sends the others; then a butterfly across the groups
 #pragma unroll
-    for (int off = 4; off < TPR; off <<= 1) mine += __shfl_xor_sync(0xffffffffu, mine, off);
+    for (int o = 1, n = RPT; o < RPT; o <<= 1, n >>= 1) {
+        const bool hi = q & o;
+#pragma unroll
+        for (int i = 0; i < n / 2; ++i)
+            p[i] = (hi ? p[2 * i + 1] : p[2 * i]) + __shfl_xor_sync(0xffffffffu, hi ? p[2 * i] : p[2 * i + 1], o);
+    }
+    float mine = p[0];
+#pragma unroll
+    for (int off = RPT; off < TPR; off <<= 1) mine += __shfl_xor_sync(0xffffffffu, mine, off);
     return mine;
 }
 
-// RPT = 4 consecutive bf16 of shared memory (8-byte aligned) as floats.
+// RPT consecutive bf16 of shared memory (2 RPT-byte aligned) as floats, in one load.
 __device__ __forceinline__ void load_rows(const bf16 *src, float (&out)[RPT]) {
-    const uint2 u = *reinterpret_cast<const uint2 *>(src);
-    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
-    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
-    out[0] = a.x;
-    out[1] = a.y;
-    out[2] = b.x;
-    out[3] = b.y;
+    using Word = std::conditional_t<RPT == 2, unsigned, std::conditional_t<RPT == 4, uint2, uint4>>;
+    const Word u = *reinterpret_cast<const Word *>(src);
+    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&u);
+#pragma unroll
+    for (int i = 0; i < RPT / 2; ++i) {
+        const float2 a = __bfloat1622float2(h[i]);
+        out[2 * i] = a.x;
+        out[2 * i + 1] = a.y;
+    }
 }
 
 // One forward step t of the row kernel: S~ += v_t kt_t + s_t bt_t; y_t = S~ rh_t; s_{t+1} = S~ zh_{t+1}.
@@ -268,7 +278,7 @@ __device__ __forceinline__ void fwd_step(RowTile &S, float (&sa)[RPT], const Row
         tile_dot(S, sm.vec + (V_ZH * CHUNK + t + 1) * N, q, pn);
         row_allreduce(pn);
     }
-    const float sa_mine = pick(sa, q & 3), y = row_scatter(py, q);
+    const float sa_mine = pick(sa, q & (RPT - 1)), y = row_scatter(py, q);
     if (q < RPT) {
         y_row[t * HN] = to_bf(y);
         sa_row[t * HN] = sa_mine;
@@ -290,7 +300,7 @@ __device__ __forceinline__ void bwd_step(RowTile &G, float (&ds)[RPT], const Row
     tile_dot(G, sm.vec + (V_BT * CHUNK + t) * N, q, ds);
     tile_dot(G, sm.vec + (V_KT * CHUNK + t) * N, q, pv);
     row_allreduce(ds);
-    const float dv = row_scatter(pv, q), ds_mine = pick(ds, q & 3);
+    const float dv = row_scatter(pv, q), ds_mine = pick(ds, q & (RPT - 1));
     if (q < RPT) {
         dv_row[t * HN] = to_bf(dv);
         ds_row[t * HN] = ds_mine;
