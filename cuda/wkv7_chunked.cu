@@ -135,11 +135,6 @@ struct RowSmem {
     float P15[N];
 };
 
-struct RowSmemBwd : RowSmem {
-    float Send[N * N];          // the state at the end of the chunk (for the boundary term)
-    float part[N / RPT][N];     // its partial column sums, per row group
-};
-
 // Thread (row group rg, part q) owns rows RPT * rg + x and columns own_col(q, m) + e, m < NQ, e < 4.
 __device__ __forceinline__ int own_col(int q, int m) { return 4 * (q + TPR * m); }
 
@@ -350,16 +345,13 @@ __global__ void __launch_bounds__(NT_ROW) fwd_rows_kernel(const RowArgs args, bf
     }
 }
 
-__global__ void __launch_bounds__(NT_ROW) bwd_rows_kernel(const RowArgs args, const float *__restrict__ states_,
-                                                          bf16 *__restrict__ dv_, float *__restrict__ ds_,
-                                                          float *__restrict__ hstates_, float *__restrict__ bnd_) {
+__global__ void __launch_bounds__(NT_ROW) bwd_rows_kernel(const RowArgs args, bf16 *__restrict__ dv_,
+                                                          float *__restrict__ ds_, float *__restrict__ hstates_) {
     const int T = args.T, H = args.H, h = blockIdx.x, bb = blockIdx.y, tid = threadIdx.x;
     const int q = tid % TPR, rg = tid / TPR, NC = T / CHUNK;
     extern __shared__ float4 smem_rows[];
-    RowSmemBwd &sm = *reinterpret_cast<RowSmemBwd *>(smem_rows);
-    const size_t bh = (size_t)bb * H + h;
-    float *hstates = hstates_ + bh * NC * N * N;
-    const float *states = states_ + bh * NC * N * N;
+    RowSmem &sm = *reinterpret_cast<RowSmem *>(smem_rows);
+    float *hstates = hstates_ + ((size_t)bb * H + h) * NC * N * N;
 
     RowTile G;  // dL/dS at the chunk end from later steps; scaled G^ inside the chunk
 #pragma unroll
@@ -374,38 +366,8 @@ __global__ void __launch_bounds__(NT_ROW) bwd_rows_kernel(const RowArgs args, co
         cp_async_wait_all();
         __syncthreads();
         if (c > 0) issue_chunk<NT_ROW>(sm.raw[buf ^ 1], sm.rawx[buf ^ 1], args.src, args.x, bb, c - 1, h, T, H, tid);
-        if (c + 1 < NC) {  // boundary term: partial column sums of S_end * G over this thread's rows
-#pragma unroll
-            for (int m = 0; m < NQ; ++m) {
-                float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-                for (int x = 0; x < RPT; ++x) {
-                    const float4 s4 = ld4(sm.Send + (RPT * rg + x) * N + own_col(q, m));
-                    acc.x = fmaf(s4.x, G[x][4 * m], acc.x);
-                    acc.y = fmaf(s4.y, G[x][4 * m + 1], acc.y);
-                    acc.z = fmaf(s4.z, G[x][4 * m + 2], acc.z);
-                    acc.w = fmaf(s4.w, G[x][4 * m + 3], acc.w);
-                }
-                st4(&sm.part[rg][own_col(q, m)], acc);
-            }
-        }
         prep_columns<NT_ROW, N>(sm.raw[buf], sm.vec, sm.P15, nullptr, nullptr, nullptr, tid);
         __syncthreads();
-        if (c > 0) {  // S_end of the next chunk down, one chunk ahead
-#pragma unroll
-            for (int i = 0; i < N * N / 4 / NT_ROW; ++i) {
-                const int e = tid + i * NT_ROW;
-                cp_async16(sm.Send + 4 * e, states + (size_t)(c - 1) * N * N + 4 * e);
-            }
-            cp_async_commit();
-        }
-        for (int j = tid; j < N; j += NT_ROW) {
-            float s = 0.f;
-            if (c + 1 < NC)
-#pragma unroll
-                for (int g = 0; g < N / RPT; ++g) s += sm.part[g][j];
-            bnd_[(bh * NC + c) * N + j] = s;
-        }
         tile_scale(G, sm.P15, q);
         const size_t o = row_offset(bb, c * CHUNK, h, T, H) + RPT * rg + q;
         bf16 *dv_row = dv_ + o;
@@ -441,8 +403,8 @@ struct ChunkLayout {
     static constexpr int raw = lw + CHUNK * N;         // bf16 [NRAW][CHUNK][N]
     static constexpr int rawx = raw + NRAW * CHUNK * N / 2;  // bf16 [2][CHUNK][N] dy, v
     static constexpr int P15 = rawx + CHUNK * N;
-    static constexpr int bnd = P15 + N;
-    static constexpr int total = bnd + N;
+    static constexpr int bnd = P15 + N;                // [NT_CH / N][N] partial sums of the boundary term
+    static constexpr int total = bnd + NT_CH;
     static_assert(total * sizeof(float) <= 113 * 1024, "two blocks per SM");
 };
 
@@ -505,7 +467,7 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[NTILES][4], const float *
 __global__ void __launch_bounds__(NT_CH, 2) bwd_chunk_kernel(
     const RowArgs args, const bf16 *__restrict__ v_, const bf16 *__restrict__ dy_, const float *__restrict__ sa_,
     const float *__restrict__ ds_, const float *__restrict__ states_, const float *__restrict__ hstates_,
-    const float *__restrict__ bnd_, bf16 *__restrict__ dr_, bf16 *__restrict__ dw_, bf16 *__restrict__ dk_,
+    bf16 *__restrict__ dr_, bf16 *__restrict__ dw_, bf16 *__restrict__ dk_,
     bf16 *__restrict__ dz_, bf16 *__restrict__ db_) {
     typedef ChunkLayout L;
     const int T = args.T, H = args.H, c = blockIdx.x, h = blockIdx.y, bb = blockIdx.z, tid = threadIdx.x;
@@ -539,9 +501,21 @@ __global__ void __launch_bounds__(NT_CH, 2) bwd_chunk_kernel(
         cp_async16(sm + L::Hs + i * LDB + j, He + i * N + j);
     }
     cp_async_commit();
-    for (int j = tid; j < N; j += NT_CH) sm[L::bnd + j] = bnd_[(bh * NC + c) * N + j];
+    // The chunk-end state S_end, for dw's boundary term sum_i S_end[i][j] He[i][j] (0 in the last chunk, whose He
+    // is 0): this thread's column j and rows BR k + br, loaded while the copies above are in flight.
+    constexpr int BR = NT_CH / N;
+    const int bj = tid % N, br = tid / N;
+    float send[N / BR];
+#pragma unroll
+    for (int k = 0; k < N / BR; ++k) send[k] = states_[(bh * NC + c) * N * N + (BR * k + br) * N + bj];
     cp_async_wait_all();
     __syncthreads();
+    {
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < N / BR; ++k) s = fmaf(send[k], sm[L::Hs + (BR * k + br) * LDB + bj], s);
+        sm[L::bnd + br * N + bj] = s;  // read in step 6, after several barriers
+    }
 
     // 2. dy and v to fp32 rows of A; the scaled chunk vectors and the P_t tables.
     for (int e = tid; e < 2 * CHUNK * N / 8; e += NT_CH) {
@@ -636,7 +610,9 @@ __global__ void __launch_bounds__(NT_CH, 2) bwd_chunk_kernel(
                 const float o = __shfl_down_sync(0xffffffffu, incl, off, 4);
                 if (part + off < 4) incl += o;
             }
-            float s = sm[L::bnd + j] + (incl - tot);
+            float s = incl - tot;
+#pragma unroll
+            for (int i = 0; i < BR; ++i) s += sm[L::bnd + i * N + j];
 #pragma unroll
             for (int u = 3; u >= 0; --u) {
                 const int t = 4 * part + u;
@@ -693,23 +669,23 @@ extern "C" int wkv7_chunked_forward(int B, int T, int H, const void *r, const vo
 
 extern "C" int wkv7_chunked_backward(int B, int T, int H, const void *r, const void *w, const void *k, const void *v,
                                      const void *z, const void *b, const void *dy, const float *sa,
-                                     const float *states, float *ds, float *hstates, float *bnd, void *dr, void *dw,
+                                     const float *states, float *ds, float *hstates, void *dr, void *dw,
                                      void *dk, void *dv, void *dz, void *db, void *stream) {
 #ifdef WKV7_CHUNKED_SUPPORTED
     if (T % CHUNK) return (int)cudaErrorInvalidValue;
     cudaStream_t st = (cudaStream_t)stream;
-    const int smem_rows = (int)sizeof(RowSmemBwd);
+    const int smem_rows = (int)sizeof(RowSmem);
     cudaError_t err = set_smem(bwd_rows_kernel, smem_rows);
     if (err != cudaSuccess) return (int)err;
-    bwd_rows_kernel<<<dim3(H, B), NT_ROW, smem_rows, st>>>(row_args(T, H, r, w, k, z, b, dy), states, (bf16 *)dv, ds,
-                                                            hstates, bnd);
+    bwd_rows_kernel<<<dim3(H, B), NT_ROW, smem_rows, st>>>(row_args(T, H, r, w, k, z, b, dy), (bf16 *)dv, ds,
+                                                            hstates);
     err = cudaGetLastError();
     if (err != cudaSuccess) return (int)err;
     const int smem = ChunkLayout::total * (int)sizeof(float);
     err = set_smem(bwd_chunk_kernel, smem);
     if (err != cudaSuccess) return (int)err;
     bwd_chunk_kernel<<<dim3(T / CHUNK, H, B), NT_CH, smem, st>>>(
-        row_args(T, H, r, w, k, z, b, nullptr), (const bf16 *)v, (const bf16 *)dy, sa, ds, states, hstates, bnd,
+        row_args(T, H, r, w, k, z, b, nullptr), (const bf16 *)v, (const bf16 *)dy, sa, ds, states, hstates,
         (bf16 *)dr, (bf16 *)dw, (bf16 *)dk, (bf16 *)dz, (bf16 *)db);
     return (int)cudaGetLastError();
 #else

@@ -14,7 +14,7 @@ int wkv7_chunked_forward(int B, int T, int H, const void *r, const void *w, cons
                          const void *z, const void *b, void *y, float *sa, float *states, void *stream);
 int wkv7_chunked_backward(int B, int T, int H, const void *r, const void *w, const void *k, const void *v,
                           const void *z, const void *b, const void *dy, const float *sa, const float *states,
-                          float *ds, float *hstates, float *bnd, void *dr, void *dw, void *dk, void *dv,
-                          void *dz, void *db, void *stream);
+                          float *ds, float *hstates, void *dr, void *dw, void *dk, void *dv, void *dz, void *db,
+                          void *stream);
 const char *wkv7_error_string(int err);
 }

@@ -90,11 +90,9 @@ std::vector<at::Tensor> backward(bool chunked, at::Tensor r, at::Tensor w, at::T
     if (chunked) {
         at::Tensor ds = at::empty_like(sa);
         at::Tensor hstates = at::empty_like(states);
-        at::Tensor bnd = at::empty({B, H, T / kChunk, kN}, sa.options());
         err = wkv7_chunked_backward(B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(), z.data_ptr(),
                                     b.data_ptr(), dy.data_ptr(), sa.data_ptr<float>(), states.data_ptr<float>(),
-                                    ds.data_ptr<float>(), hstates.data_ptr<float>(), bnd.data_ptr<float>(),
-                                    g[0].data_ptr(),
+                                    ds.data_ptr<float>(), hstates.data_ptr<float>(), g[0].data_ptr(),
                                     g[1].data_ptr(), g[2].data_ptr(), g[3].data_ptr(), g[4].data_ptr(),
                                     g[5].data_ptr(), stream);
     } else {
