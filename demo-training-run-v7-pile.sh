@@ -12,8 +12,9 @@ CTX_LEN="4096"
 PROJ_DIR="out/L${N_LAYER}-D${N_EMBD}-${MODEL_TYPE}"
 
 M_BSZ="24"          # micro batch per GPU
-GRAD_CP=1           # 1: 17 GB on one GPU; 3: keep the matrix products (same numbers, ~10% faster, 63 GB); 2: keep the
-                    # wkv7 outputs too (~17% faster, 100 GB: an H200). README "Speed"
+GRAD_CP=3           # 3: recompute each block's elementwise math and wkv7 in backward (45 GB on one GPU); 1: recompute
+                    # it whole (17 GB, 6-7% slower); 2: keep the wkv7 outputs too (6% faster than 3, 83 GB: an H200).
+                    # Same numbers with each. README "Speed"
 N_NODE=1
 GPU_PER_NODE=1
 EPOCH_COUNT=80

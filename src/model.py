@@ -179,17 +179,23 @@ class ChannelMix(nn.Module):
         return self.value(relu_square(k, fused=fused))
 
 
-def keep_products(keep_wkv7):
-    """grad_cp 2 and 3's checkpoint contexts: the recomputation of a checkpointed block reuses the forward's matrix
-    products (and with keep_wkv7 its wkv7 kernel outputs: most of a block's forward time) and runs the rest again.
-    The memory they hold grows with the tokens; the wkv7 outputs include its fp32 state after every 16 steps
-    (alone they took the Pile size from 17 to 55 GB), which is why grad_cp 3 leaves them out."""
-    kept = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default]
-    if keep_wkv7:
-        kept.append(torch.ops.rwkv7.wkv7_forward.default)
+def keep_products(n_embd, keep_wkv7):
+    """grad_cp 2 and 3's checkpoint contexts: the recomputation of a checkpointed block reuses the outputs of the
+    forward's matrix products that read an n_embd-wide activation (receptance, key, value, output, the FFN's key and
+    the LoRA down-projections) and, with keep_wkv7, its wkv7 kernel outputs (most of a block's forward time); it runs
+    the rest again. A LoRA up-projection (inner size 32 to 160) costs little to run again next to what its [B,T,C]
+    output costs to hold, and the backward never needs the FFN value product's output. The memory kept grows with
+    the tokens; the wkv7 outputs include its fp32 state after every 16 steps (alone they took the Pile size from 17
+    to 55 GB), which is why grad_cp 3 leaves them out."""
+    products = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+    kept_ops = (torch.ops.rwkv7.wkv7_forward.default,) if keep_wkv7 else ()
 
     def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in kept else CheckpointPolicy.PREFER_RECOMPUTE
+        if op in products:
+            keep = args[-2].shape[-1] == n_embd   # mm(a, b), addmm(bias, a, b): a's inner size
+        else:
+            keep = op in kept_ops
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
     return create_selective_checkpoint_contexts(policy)
 
 
@@ -328,7 +334,7 @@ class RWKV(pl.LightningModule):
         if self.cfg.grad_cp == 1:
             keep = torch.utils.checkpoint.noop_context_fn
         else:
-            keep = functools.partial(keep_products, keep_wkv7=self.cfg.grad_cp == 2)
+            keep = functools.partial(keep_products, self.cfg.n_embd, keep_wkv7=self.cfg.grad_cp == 2)
         # the model draws no random numbers: nothing to restore for the recomputation (nor to read while recording)
         return torch.utils.checkpoint.checkpoint(run, x, v_first, use_reentrant=False, preserve_rng_state=False,
                                                  context_fn=keep)
