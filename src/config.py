@@ -22,7 +22,7 @@ class ModelConfig:
     head_size: int = 64
     dim_att: int = 0          # 0 means n_embd
     dim_ffn: int = 0          # 0 means 4 * n_embd
-    grad_cp: int = 0          # 1: recompute each block in backward; 2: only its elementwise math; 3: that and wkv7
+    grad_cp: int = 0          # 1: recompute each block in backward; 2: only its elementwise math (and LoRA ups); 3: and wkv7
     deepspeed_checkpointing: bool = False  # DeepSpeed's (reentrant) activation checkpointing; GPU + DeepSpeed, eager
     fused: bool = True        # the fast forms of the loss and kernels; False: their plain PyTorch twins
     compile_blocks: bool = False  # fused CUDA training: each block's forward and backward compiled whole
@@ -60,8 +60,8 @@ class ModelConfig:
             raise ConfigError(f"--dim_ffn {self.dim_ffn} must be a multiple of 32; try --dim_ffn {4 * C}")
         if self.grad_cp not in (0, 1, 2, 3):
             raise ConfigError(f"--grad_cp {self.grad_cp}: use 0 (keep every activation), 1 (recompute each block in "
-                              f"backward), 2 (recompute only its elementwise math) or 3 (its elementwise math and "
-                              f"the wkv7 forward)")
+                              f"backward), 2 (recompute only its elementwise math and LoRA up-projections) or 3 (those "
+                              f"and the wkv7 forward)")
         if self.grad_cp in (2, 3) and self.compile_blocks:
             raise ConfigError(f"--grad_cp {self.grad_cp} picks the operations to keep inside eager blocks, not inside "
                               f"blocks compiled whole; use --compile_blocks 0 or --grad_cp 1")
