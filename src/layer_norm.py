@@ -2,29 +2,24 @@
 
 The backward is where the time goes: the weight and bias gradients are sums over every row. Each program of the
 backward kernel takes a fixed range of rows, writes their input gradient, and keeps its share of the weight and bias
-gradients in registers, written once as one row of a [programs, C] fp32 buffer that a second kernel sums. The
-row ranges are fixed, so the result is the same on every run. `F.layer_norm` is the reference in tests.
+gradients in registers, summed over the programs by src/partial_sums.py. `F.layer_norm` is the reference in tests.
 """
 import functools
 
 import torch
 
-# rows per tile and warps per program, the backward's programs per multiprocessor, and the columns per program of
-# the partial sums' kernel: the fastest of a sweep on an H200 at both recipe sizes (C 768 and 1024)
+from src.partial_sums import cdiv, multiprocessors, row_ranges, sum_partials
+
+# rows per tile and warps per program, and the backward's programs per multiprocessor: the fastest of a sweep on an
+# H200 at both recipe sizes (C 768 and 1024)
 FORWARD_ROWS, FORWARD_WARPS = 2, 2
 BACKWARD_ROWS, BACKWARD_WARPS, PROGRAMS_PER_SM = 2, 4, 4
-SUM_COLUMNS = 16
 
 
-def cdiv(a, b):
-    return -(-a // b)
-
-
-def backward_programs(rows, device):
-    """How many programs share the backward's rows: enough to fill the GPU several times over, few enough that their
-    partial sums are small next to the rows themselves."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(cdiv(rows, BACKWARD_ROWS), PROGRAMS_PER_SM * sms))
+def backward_programs(device):
+    """How many programs share the backward's rows at most: enough to fill the GPU several times over, few enough that
+    their partial sums are small next to the rows themselves."""
+    return PROGRAMS_PER_SM * multiprocessors(device)
 
 
 class LayerNorm(torch.autograd.Function):
@@ -51,19 +46,14 @@ class LayerNorm(torch.autograd.Function):
         M, C = x2.shape
         grad_y = grad_y.reshape(M, C).contiguous()
         grad_x = torch.empty_like(x2)
-        programs = backward_programs(M, x2.device)
-        rows_per_program = cdiv(cdiv(M, programs), BACKWARD_ROWS) * BACKWARD_ROWS
-        programs = cdiv(M, rows_per_program)
-        partial_w = torch.empty(programs, C, dtype=torch.float32, device=x2.device)
-        partial_b = torch.empty_like(partial_w)
+        programs, rows_per_program = row_ranges(M, BACKWARD_ROWS, backward_programs(x2.device))
+        partial = torch.empty(programs, 2, C, dtype=torch.float32, device=x2.device)   # weight's, bias's shares
         kernels = _kernels()
-        block_c = kernels.next_power_of_2(C)
-        kernels.backward[(programs,)](x2, weight, grad_y, mean, rstd, grad_x, partial_w, partial_b, M, C,
-                                      rows_per_program, ROWS=BACKWARD_ROWS, BLOCK_C=block_c, num_warps=BACKWARD_WARPS)
+        kernels.backward[(programs,)](x2, weight, grad_y, mean, rstd, grad_x, partial, M, C, rows_per_program,
+                                      ROWS=BACKWARD_ROWS, BLOCK_C=kernels.next_power_of_2(C), num_warps=BACKWARD_WARPS)
         grad_w = torch.empty_like(weight)
         grad_b = torch.empty(C, dtype=ctx.bias_dtype, device=weight.device)
-        kernels.sum_partials[(cdiv(C, SUM_COLUMNS),)](partial_w, partial_b, grad_w, grad_b, programs, C,
-                                                      BLOCK_P=4096 // SUM_COLUMNS, BLOCK_C=SUM_COLUMNS, num_warps=4)
+        sum_partials(partial, (grad_w, grad_b))
         return grad_x.view(ctx.x_shape), grad_w, grad_b, None
 
 
@@ -100,7 +90,7 @@ def _kernels():
         tl.store(rstd_out + rows, rstd, mask=row_ok)
 
     @triton.jit
-    def backward(x, weight, grad_y, mean_in, rstd_in, grad_x, partial_w, partial_b, M, C, rows_per_program,
+    def backward(x, weight, grad_y, mean_in, rstd_in, grad_x, partial, M, C, rows_per_program,
                  ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
         program = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
@@ -128,23 +118,7 @@ def _kernels():
             tl.store(grad_x + at, dx.to(grad_x.dtype.element_ty), mask=mask)
             acc_w += dy * x_hat
             acc_b += dy
-        tl.store(partial_w + program * C + cols, tl.sum(acc_w, axis=0), mask=col_ok)
-        tl.store(partial_b + program * C + cols, tl.sum(acc_b, axis=0), mask=col_ok)
+        tl.store(partial + 2 * program * C + cols, tl.sum(acc_w, axis=0), mask=col_ok)
+        tl.store(partial + (2 * program + 1) * C + cols, tl.sum(acc_b, axis=0), mask=col_ok)
 
-    @triton.jit
-    def sum_partials(partial_w, partial_b, grad_w, grad_b, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        acc_w = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-        acc_b = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-        for start in range(0, P, BLOCK_P):
-            rows = start + tl.arange(0, BLOCK_P)
-            mask = (rows < P)[:, None] & col_ok[None, :]
-            at = rows[:, None] * C + cols[None, :]
-            acc_w += tl.load(partial_w + at, mask=mask, other=0.0)
-            acc_b += tl.load(partial_b + at, mask=mask, other=0.0)
-        tl.store(grad_w + cols, tl.sum(acc_w, axis=0).to(grad_w.dtype.element_ty), mask=col_ok)
-        tl.store(grad_b + cols, tl.sum(acc_b, axis=0).to(grad_b.dtype.element_ty), mask=col_ok)
-
-    return types.SimpleNamespace(forward=forward, backward=backward, sum_partials=sum_partials,
-                                 next_power_of_2=triton.next_power_of_2)
+    return types.SimpleNamespace(forward=forward, backward=backward, next_power_of_2=triton.next_power_of_2)

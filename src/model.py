@@ -9,11 +9,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from src.chain import Chain, compile_input
+from src.chain import Chain, chain_with_kernel, compile_input
 from src.config import ModelConfig, OptimConfig
 from src.cuda_graph import GraphedFunction
 from src.head_loss import head_loss_chunked, head_loss_reference
 from src.layer_norm import layer_norm_triton
+from src.token_shift import token_shift_mix, token_shift_mixes
 from src.wkv7 import wkv7, wkv7_torch
 
 
@@ -38,7 +39,7 @@ def norm(ln: nn.LayerNorm, x, fused):
     return layer_norm(x, ln.weight, ln.bias, ln.eps, fused=fused)
 
 
-@Chain
+@chain_with_kernel(token_shift_mixes)
 def time_mix_inputs(x, x_prev, x_r, x_w, x_k, x_v, x_a, x_g):
     """The token shift and six learned mixes x + (shift(x) - x) * mu, the inputs of r, w, k, v, a and g."""
     xx = token_shift(x, x_prev)
@@ -71,7 +72,7 @@ def wkv7_output(y, r, k, v, g, r_k, ln_weight, ln_bias, eps):
     return y.view(B, T, H * N) * g
 
 
-@Chain
+@chain_with_kernel(token_shift_mix)
 def channel_mix_input(x, x_prev, x_k):
     return x + token_shift(x, x_prev) * x_k
 

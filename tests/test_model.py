@@ -336,10 +336,11 @@ def test_rwkv_package_runs_our_checkpoint(tmp_path):
     assert (torch.stack(stepwise) - ours[:16]).abs().max() <= 1e-4 * scale
 
 
-@pytest.mark.parametrize("name", CHAIN_NAMES)
+@pytest.mark.parametrize("name", [n for n in CHAIN_NAMES if chain(n).kernel is None])
 def test_compiled_chain_equals_plain(name):
-    """Each fused piece compiles as one graph (fullgraph) and computes what its plain form computes, gradients
-    of the [1,1,C] parameters included (in their own shape)."""
+    """Each fused piece without a kernel of its own compiles as one graph (fullgraph) and computes what its plain form
+    computes, gradients of the [1,1,C] parameters included (in their own shape). The token-shift mixes run Triton
+    kernels instead, checked in tests/test_triton_interpreted.py."""
     args = chain_inputs(name, "cpu", torch.float32)
     plain = outputs_and_grads(chain(name).fn, args)
     compiled = outputs_and_grads(chain(name).run_compiled, args)

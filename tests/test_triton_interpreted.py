@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src import head_loss, layer_norm
+from src import head_loss, layer_norm, model, token_shift
 from tests.conftest import run
 
 pytest.importorskip("triton")
@@ -17,7 +17,7 @@ def run_interpreted(call):
 
 
 def check_layer_norm():
-    layer_norm.backward_programs = lambda rows, device: 3
+    layer_norm.backward_programs = lambda device: 3
     for rows, C in [(1, 48), (13, 48), (21, 100)]:
         check_layer_norm_shape(rows, C)
 
@@ -35,6 +35,35 @@ def check_layer_norm_shape(rows, C):
     expected = (y64, *torch.autograd.grad(y64, (x64, w64, b64), grad_y.double()))
     for a, e in zip(got, expected):
         torch.testing.assert_close(a.detach().double(), e.detach(), rtol=1e-5, atol=1e-5)
+
+
+def check_token_shift():
+    # tiles of 4 rows x 16 columns: they cross sequence ends, the last column block is ragged, and the backward's 3
+    # row ranges (of 4, 8 or 12 rows) end inside sequences
+    token_shift.FORWARD_ROWS = token_shift.BACKWARD_ROWS = 4
+    token_shift.FORWARD_COLUMNS = token_shift.BACKWARD_COLUMNS = 16
+    token_shift.backward_programs = lambda rows, column_blocks, device: 3
+    for (B, T, C), plain in [((3, 5, 40), model.time_mix_inputs.fn), ((2, 7, 16), model.channel_mix_input.fn),
+                             ((1, 1, 24), model.time_mix_inputs.fn)]:
+        check_token_shift_shape(B, T, C, plain)
+
+
+def check_token_shift_shape(B, T, C, plain):
+    g = torch.Generator().manual_seed(T)
+    mixes = 6 if plain is model.time_mix_inputs.fn else 1
+    x = torch.randn(B, T, C, generator=g).requires_grad_()
+    mus = [torch.rand(1, 1, C, generator=g).requires_grad_() for _ in range(mixes)]
+    grads = [torch.randn(B, T, C, generator=g) for _ in range(mixes)]
+    outs = token_shift.token_shift_mixes(x, None, *mus)
+    got = (*outs, *torch.autograd.grad(outs, (x, *mus), grads))
+    x64, *mus64 = (t.detach().double().requires_grad_() for t in (x, *mus))
+    outs64 = plain(x64, None, *mus64)
+    outs64 = outs64 if isinstance(outs64, tuple) else (outs64,)
+    expected = (*outs64, *torch.autograd.grad(outs64, (x64, *mus64), [g.double() for g in grads]))
+    assert len(got) == len(expected) == 2 * mixes + 1
+    for a, e in zip(got, expected):
+        assert a.shape == e.shape and a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5)
 
 
 def check_cross_entropy():
@@ -65,3 +94,10 @@ def test_cross_entropy_kernel():
     """Loss and gradient as cross_entropy_grad over several blocks of the vocabulary with a masked tail; L2Wrap's
     share at the first of three tied maxima; a target at the argmax."""
     run_interpreted("check_cross_entropy()")
+
+
+def test_token_shift_kernels():
+    """The six mixes of the time mix and the one of the channel mix, forward and backward, against the plain chains in
+    float64: tiles that cross sequence ends (shift(x) is zero at each first token, and x[t] feeds only its own
+    sequence's next token), a ragged column block, row ranges ending inside sequences, and one-token sequences."""
+    run_interpreted("check_token_shift()")
