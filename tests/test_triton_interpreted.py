@@ -38,8 +38,8 @@ def check_layer_norm_shape(rows, C):
 
 
 def check_token_shift():
-    # tiles of 4 rows x 16 columns: they cross sequence ends, the last column block is ragged, and the backward's 3
-    # row ranges (of 4, 8 or 12 rows) end inside sequences
+    # tiles of 4 rows x 16 columns: they cross sequence ends, the last column block is ragged, and the backward's
+    # row ranges (3 asked for: two of 8 rows, the last one ragged, each 2 tiles) end inside sequences
     token_shift.FORWARD_ROWS = token_shift.BACKWARD_ROWS = 4
     token_shift.FORWARD_COLUMNS = token_shift.BACKWARD_COLUMNS = 16
     token_shift.backward_programs = lambda rows, column_blocks, device: 3
@@ -49,11 +49,11 @@ def check_token_shift():
 
 
 def check_token_shift_shape(B, T, C, plain):
-    g = torch.Generator().manual_seed(T)
+    gen = torch.Generator().manual_seed(T)
     mixes = 6 if plain is model.time_mix_inputs.fn else 1
-    x = torch.randn(B, T, C, generator=g).requires_grad_()
-    mus = [torch.rand(1, 1, C, generator=g).requires_grad_() for _ in range(mixes)]
-    grads = [torch.randn(B, T, C, generator=g) for _ in range(mixes)]
+    x = torch.randn(B, T, C, generator=gen).requires_grad_()
+    mus = [torch.rand(1, 1, C, generator=gen).requires_grad_() for _ in range(mixes)]
+    grads = [torch.randn(B, T, C, generator=gen) for _ in range(mixes)]
     outs = token_shift.token_shift_mixes(x, None, *mus)
     got = (*outs, *torch.autograd.grad(outs, (x, *mus), grads))
     x64, *mus64 = (t.detach().double().requires_grad_() for t in (x, *mus))
