@@ -1,5 +1,5 @@
 #!/bin/bash
-# MiniPile recipe, step 1 of 2 (RECIPE.md section 9): check the data and write the initial weights.
+# MiniPile recipe, step 1 of 2 (docs/RECIPE.md section 9): check the data and write the initial weights.
 # Edit N_LAYER / N_EMBD for other sizes (keep them the same in demo-training-run.sh).
 set -e
 cd "$(dirname "$0")"

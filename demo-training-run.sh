@@ -1,5 +1,5 @@
 #!/bin/bash
-# MiniPile recipe, step 2 of 2 (RECIPE.md section 9): train L12-D768 for 1.5 B tokens, resuming from the newest
+# MiniPile recipe, step 2 of 2 (docs/RECIPE.md section 9): train L12-D768 for 1.5 B tokens, resuming from the newest
 # checkpoint in PROJ_DIR. Expected train_log.txt losses are in README.md.
 set -e
 cd "$(dirname "$0")"

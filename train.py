@@ -30,7 +30,7 @@ def resolve_precision(cfg: TrainConfig):
 
 
 def build_dataset(cfg: TrainConfig):
-    """Check the data and build the dataset; fixes epoch_steps / epoch_count for binidx (RECIPE.md section 7)."""
+    """Check the data and build the dataset; fixes epoch_steps / epoch_count for binidx (docs/RECIPE.md section 7)."""
     from src.checkpoint import STREAM_STATE_DIR
     from src.dataset import BinidxDataset, JsonlStreamDataset, MINI_EPOCH_SAMPLES
     if cfg.data_type == "binidx":
@@ -48,7 +48,7 @@ def build_dataset(cfg: TrainConfig):
 
 
 def write_init(cfg: TrainConfig):
-    """--train_stage 1: RECIPE.md section 3's init, saved in the training precision as proj_dir/rwkv-init.pth."""
+    """--train_stage 1: docs/RECIPE.md section 3's init, saved in the training precision as proj_dir/rwkv-init.pth."""
     import torch
     from src.checkpoint import move_aside, save_atomic
     from src.model import RWKV

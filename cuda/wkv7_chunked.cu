@@ -1,4 +1,4 @@
-// WKV7 fast kernels (RECIPE.md section 2), fp32 state; the recurrences in fp32, the chunk kernel's products
+// WKV7 fast kernels (docs/RECIPE.md section 2), fp32 state; the recurrences in fp32, the chunk kernel's products
 // on TF32 tensor cores.
 //
 // Within a chunk of CHUNK steps, with P_t = d_0 * ... * d_t (per key column, P_{-1} = 1), the state

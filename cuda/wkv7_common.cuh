@@ -1,4 +1,4 @@
-// Shared definitions for the WKV7 kernels (RECIPE.md section 2). Pure CUDA: no torch headers.
+// Shared definitions for the WKV7 kernels (docs/RECIPE.md section 2). Pure CUDA: no torch headers.
 // Tensors are bf16 [B,T,H,N] contiguous; the state is fp32. N (head size) is the compile-time
 // constant _N_ and T is a multiple of CHUNK (the caller pads at the end).
 #pragma once

@@ -1,4 +1,4 @@
-"""Checkpoints (RECIPE.md section 8): plain state dicts, written atomically, resumed from the newest readable one."""
+"""Checkpoints (docs/RECIPE.md section 8): plain state dicts, written atomically, resumed from the newest readable one."""
 import os
 import re
 import time

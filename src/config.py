@@ -10,7 +10,7 @@ class ConfigError(ValueError):
 
 
 def lora_dim(C: int, factor: float, power: float) -> int:
-    # RECIPE.md section 1: Python round (half to even), multiple of 32, at least 32
+    # docs/RECIPE.md section 1: Python round (half to even), multiple of 32, at least 32
     return max(32, round(factor * C**power / 32) * 32)
 
 
@@ -40,7 +40,7 @@ class ModelConfig:
 
     @property
     def lora_dims(self):
-        """(D_w, D_a, D_v, D_g) of RECIPE.md section 1."""
+        """(D_w, D_a, D_v, D_g) of docs/RECIPE.md section 1."""
         C = self.n_embd
         d_decay = lora_dim(C, 1.8, 0.5)
         return d_decay, d_decay, lora_dim(C, 1.3, 0.5), lora_dim(C, 0.6, 0.8)

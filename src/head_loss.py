@@ -1,4 +1,4 @@
-"""The training loss (RECIPE.md section 5): head, cross-entropy and the L2Wrap extra gradient.
+"""The training loss (docs/RECIPE.md section 5): head, cross-entropy and the L2Wrap extra gradient.
 
 `head_loss_reference` is the plain form: full logits, F.cross_entropy, L2Wrap. `head_loss_chunked` computes
 the same loss and gradients a chunk of tokens at a time, inside its forward pass, so the [B*T, V] logits

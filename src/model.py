@@ -1,4 +1,4 @@
-"""The RWKV-7 ("x070") language model as a Lightning module; reads like RECIPE.md sections 1, 3, 4 and 5."""
+"""The RWKV-7 ("x070") language model as a Lightning module; reads like docs/RECIPE.md sections 1, 3, 4 and 5."""
 import functools
 import math
 
@@ -83,7 +83,7 @@ def relu_square(k):
 
 
 def ortho_(matrix, scale):
-    """RECIPE.md section 3 ortho(M, s): orthogonal with gain s * sqrt(rows/cols) when rows > cols."""
+    """docs/RECIPE.md section 3 ortho(M, s): orthogonal with gain s * sqrt(rows/cols) when rows > cols."""
     rows, cols = matrix.shape
     gain = math.sqrt(rows / cols) if rows > cols else 1.0
     return nn.init.orthogonal_(matrix, gain=scale * gain)
@@ -341,18 +341,18 @@ class RWKV(pl.LightningModule):
                                                  context_fn=keep)
 
     def on_train_batch_start(self, batch, batch_idx):
-        # the LR schedule ends the run before a step once its progress reaches 1 (RECIPE.md section 6)
+        # the LR schedule ends the run before a step once its progress reaches 1 (docs/RECIPE.md section 6)
         return -1 if self.trainer.should_stop else None
 
     def training_step(self, batch, batch_idx):
-        """Mean cross-entropy with L2Wrap (RECIPE.md section 5); the fused form never holds all logits."""
+        """Mean cross-entropy with L2Wrap (docs/RECIPE.md section 5); the fused form never holds all logits."""
         idx, targets = batch
         head_loss = head_loss_chunked if self.cfg.fused else head_loss_reference
         return head_loss(self.hidden(idx), self.head.weight, targets)
 
     @torch.no_grad()
     def init_weights(self):
-        """The matrix init of RECIPE.md section 3, applied over the modules' own init (train_stage 1)."""
+        """The matrix init of docs/RECIPE.md section 3, applied over the modules' own init (train_stage 1)."""
         nn.init.uniform_(self.emb.weight, a=-1e-4, b=1e-4)
         ortho_(self.head.weight, 0.5)   # gain 0.5 * sqrt(V/C) when V > C
         for block in self.blocks:
@@ -368,7 +368,7 @@ class RWKV(pl.LightningModule):
         nn.init.zeros_(self.ln_out.bias)
 
     def param_groups(self):
-        """RECIPE.md section 4: names for lr x1, lr x2 (att.w0) and weight decay."""
+        """docs/RECIPE.md section 4: names for lr x1, lr x2 (att.w0) and weight decay."""
         wd, layerwise = self.optim.weight_decay, self.optim.layerwise_lr > 0
         lr_1x, lr_2x, decay = [], [], []
         for name, p in self.named_parameters():

@@ -1,4 +1,4 @@
-"""The training loop around the model: LR schedule (RECIPE.md section 6), logs and checkpoints (section 8)."""
+"""The training loop around the model: LR schedule (docs/RECIPE.md section 6), logs and checkpoints (section 8)."""
 import datetime
 import math
 import os
@@ -33,7 +33,7 @@ def lr_schedule(cfg: TrainConfig, step_in_run: int):
 
 
 def saves_checkpoint(cfg: TrainConfig, run_epoch: int):
-    """RECIPE.md section 8: rwkv-<epoch_begin + e>.pth after this run's mini-epoch e when e % epoch_save == 0
+    """docs/RECIPE.md section 8: rwkv-<epoch_begin + e>.pth after this run's mini-epoch e when e % epoch_save == 0
     or it is the recipe's last mini-epoch (also in a resumed run)."""
     return run_epoch % cfg.epoch_save == 0 or cfg.epoch_begin + run_epoch == cfg.epoch_count - 1
 

@@ -1,4 +1,4 @@
-"""The WKV7 recurrence (RECIPE.md section 2): the pure-PyTorch version and the CUDA kernel binding.
+"""The WKV7 recurrence (docs/RECIPE.md section 2): the pure-PyTorch version and the CUDA kernel binding.
 
 Per batch and head, with an N x N state S (row = value channel, column = key channel):
     d_t = exp(-exp(w_t));  s_t = S_{t-1} z_t;  S_t = S_{t-1} * d_t + s_t b_t^T + v_t k_t^T;  y_t = S_t r_t

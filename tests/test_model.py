@@ -1,4 +1,4 @@
-"""The RWKV-7 model against RECIPE.md sections 1, 3, 4, 5 and against the `rwkv` PyPI package."""
+"""The RWKV-7 model against docs/RECIPE.md sections 1, 3, 4, 5 and against the `rwkv` PyPI package."""
 import math
 import os
 
@@ -14,7 +14,7 @@ from tests.chains import CHAIN_NAMES, chain, chain_inputs, outputs_and_grads
 
 
 def expected_shapes(L, C, V, N=64, F_=None):
-    """RECIPE.md section 1's state-dict table, written out independently of the model code."""
+    """docs/RECIPE.md section 1's state-dict table, written out independently of the model code."""
     H = C // N
     F_ = F_ or 4 * C
     r = lambda f, p: max(32, round(f * C**p / 32) * 32)
@@ -76,7 +76,7 @@ def assert_orthogonal(w, gain):
 
 
 def check_init(sd, L, C, V):
-    """Every rule of RECIPE.md section 3, measured on a state dict."""
+    """Every rule of docs/RECIPE.md section 3, measured on a state dict."""
     ddd = torch.arange(C, dtype=torch.float64) / C
     n = torch.arange(C, dtype=torch.float64)
     emb = sd["emb.weight"].double()

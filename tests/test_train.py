@@ -1,4 +1,4 @@
-"""train.py end to end on CPU (RECIPE.md sections 6 and 8) and the LR schedule against the spec's formula."""
+"""train.py end to end on CPU (docs/RECIPE.md sections 6 and 8) and the LR schedule against the spec's formula."""
 import math
 import os
 import re
@@ -20,7 +20,7 @@ LOG_LINE = re.compile(r"^(\d+) (\d+\.\d{6}) (\d+\.\d{4}) (\d+\.\d{8}) \d{4}-\d\d
 
 
 def spec_lr(step, epoch_begin, epoch_steps, ctx_len, real_bsz, warmup, exit_tokens, epoch_count, lr_init, lr_final):
-    """RECIPE.md section 6, transcribed line by line."""
+    """docs/RECIPE.md section 6, transcribed line by line."""
     real_step = step + epoch_begin * epoch_steps
     tokens = lambda s: s * ctx_len * real_bsz
     horizon = exit_tokens if exit_tokens > 0 else epoch_count * epoch_steps * real_bsz * ctx_len

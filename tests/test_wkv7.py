@@ -1,4 +1,4 @@
-"""CPU tests of the WKV7 recurrence (RECIPE.md section 2): the PyTorch loop against an independent
+"""CPU tests of the WKV7 recurrence (docs/RECIPE.md section 2): the PyTorch loop against an independent
 float64 loop, its gradients, chunked evaluation and end-padding; the algorithm of the chunked CUDA
 kernel (cuda/wkv7_chunked.cu) in float64 against the oracle; the CUDA sources compile; the kernel
 loader clears a stale build lock."""
@@ -19,7 +19,7 @@ DT = torch.float64
 
 
 def model_inputs(B, T, H, N, dtype=DT, seed=0):
-    """Inputs shaped like the model's (see RECIPE.md section 1): w <= -0.5, z = -kk, b = kk * a."""
+    """Inputs shaped like the model's (see docs/RECIPE.md section 1): w <= -0.5, z = -kk, b = kk * a."""
     g = torch.Generator().manual_seed(seed)
     rn = lambda: torch.randn(B, T, H, N, generator=g, dtype=DT)
     a = torch.sigmoid(rn())
