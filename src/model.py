@@ -83,7 +83,8 @@ def relu_square(k):
 
 
 def ortho_(matrix, scale):
-    """docs/RECIPE.md section 3 ortho(M, s): orthogonal with gain s * sqrt(rows/cols) when rows > cols."""
+    """docs/RECIPE.md section 3 ortho(M, s), the module constructor's init of w2/a2/v2/g2: orthogonal with gain
+    s * sqrt(rows/cols) when rows > cols."""
     rows, cols = matrix.shape
     gain = math.sqrt(rows / cols) if rows > cols else 1.0
     return nn.init.orthogonal_(matrix, gain=scale * gain)
@@ -354,16 +355,19 @@ class RWKV(pl.LightningModule):
     def init_weights(self):
         """The matrix init of docs/RECIPE.md section 3, applied over the modules' own init (train_stage 1)."""
         nn.init.uniform_(self.emb.weight, a=-1e-4, b=1e-4)
-        ortho_(self.head.weight, 0.5)   # gain 0.5 * sqrt(V/C) when V > C
+        V, C = self.head.weight.shape
+        nn.init.orthogonal_(self.head.weight, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
         for block in self.blocks:
             for ln in [block.ln1, block.ln2] + ([block.ln0] if block.first else []):
                 nn.init.ones_(ln.weight)
                 nn.init.zeros_(ln.bias)
             nn.init.zeros_(block.att.output.weight)
             nn.init.zeros_(block.ffn.value.weight)
-            ortho_(block.att.key.weight, 0.1)
+            nn.init.orthogonal_(block.att.key.weight, gain=0.1)
+            # plain orthogonal, singular values 1: the init stage applies no sqrt(rows/cols) factor, so ffn.key
+            # [4C, C] gets K^T K = I (docs/RECIPE.md section 3)
             for m in (block.att.receptance, block.att.value, block.ffn.key):
-                ortho_(m.weight, 1.0)
+                nn.init.orthogonal_(m.weight, gain=1.0)
         nn.init.ones_(self.ln_out.weight)
         nn.init.zeros_(self.ln_out.bias)
 

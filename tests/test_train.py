@@ -13,7 +13,7 @@ from src.evaluate import load_token_stream, val_loss
 from src.trainer import lr_schedule, saves_checkpoint
 from tools.generate import load_model
 from tests.conftest import CTX, VOCAB
-from tests.test_model import check_init
+from tests.test_init import check_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_LINE = re.compile(r"^(\d+) (\d+\.\d{6}) (\d+\.\d{4}) (\d+\.\d{8}) \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ (\d+)$")
@@ -89,7 +89,7 @@ def test_train_stage1_then_resume_and_fallback(byte_data, tmp_path):
     assert "rwkv-init.pth" in result.stdout
     init = torch.load(proj / "rwkv-init.pth", weights_only=True)
     assert all(v.dtype == torch.bfloat16 for v in init.values())
-    check_init(init, 1, 32, VOCAB)
+    check_state_dict(init, 1, 32, VOCAB)
 
     # one full mini-epoch, then the schedule ends at the first step of the next; the progress bar shows the
     # running loss, the lr and the throughput
