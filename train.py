@@ -101,8 +101,6 @@ def build_trainer(cfg: TrainConfig, callbacks, max_steps=-1):
     if cfg.uses_deepspeed:
         from pytorch_lightning.strategies import DeepSpeedStrategy
 
-        from src import zero_patches
-        zero_patches.install()
         bucket = cfg.ds_bucket_mb * 1000 * 1000
         # ZeRO-2 (offload too) reduces the gradients on the compute stream after the backward (no overlap_comm):
         # DeepSpeed 0.16.8's side stream reduces a gradient larger than a bucket in place and frees it before that
@@ -120,6 +118,9 @@ def build_trainer(cfg: TrainConfig, callbacks, max_steps=-1):
         # DeepSpeed's throughput timer (on by default) waits for the GPU at the start and at the end of every step,
         # so the host could not queue the next step while the GPU runs this one; Lightning's bar shows tokens/s
         strategy.config["timers"] = {"throughput": {"enabled": False}}
+        if cfg.perf_config().zero_patches:
+            from src.engine.zero_patches import ZeroPatches
+            callbacks = callbacks + [ZeroPatches()]
     return pl.Trainer(accelerator="gpu" if cfg.accelerator == "cuda" else cfg.accelerator, devices=cfg.devices,
                       num_nodes=cfg.num_nodes, precision=precision, strategy=strategy, max_epochs=-1, max_steps=max_steps,
                       gradient_clip_val=cfg.grad_clip, callbacks=callbacks, logger=False, enable_checkpointing=False,
@@ -148,22 +149,30 @@ def prepare(cfg: TrainConfig):
 
 
 def build_model(cfg: TrainConfig, start_path, state_dict):
-    """The model with the start weights; tensors missing from a --load_partial file keep their init."""
+    """The plain model with the start weights; tensors missing from a --load_partial file keep their init."""
     import pytorch_lightning as pl
     from src.checkpoint import load_state_dict
     from src.model import RWKV
     if cfg.random_seed >= 0:
         pl.seed_everything(cfg.random_seed)
-    model = RWKV(cfg.model_config(), cfg.optim_config())
+    model = RWKV(cfg.model_config())
     if state_dict is None and is_other_rank() and not os.path.exists(start_path):
         model.init_weights()   # another node without rank 0's file: DDP / DeepSpeed broadcast rank 0's weights
         return model
-    if state_dict is None:
-        state_dict = load_state_dict(start_path)
     full = model.state_dict()
-    full.update(state_dict)
+    full.update(load_state_dict(start_path) if state_dict is None else state_dict)
     model.load_state_dict(full)
     return model
+
+
+def training_module(cfg: TrainConfig, model):
+    """The module Lightning trains: the plain model with the fast path applied for this process's device (which
+    checks its twins against the model first: FastPathMismatch) and the recipe's optimizer."""
+    import torch
+    from src.engine.fast_path import apply_fast_path
+    from src.train.lightning_module import TrainingModule
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cfg.accelerator != "cpu" else torch.device("cpu")
+    return TrainingModule(apply_fast_path(model, cfg.perf_config(), device), cfg.optim_config())
 
 
 def fit(cfg: TrainConfig, model, dataset, callbacks, max_steps=-1):
@@ -190,14 +199,18 @@ def main(argv=None):
     except (ConfigError, ValueError, RuntimeError, OSError) as e:
         sys.exit(f"error: {e}")
     from src.checkpoint import CheckpointError
+    from src.engine.fast_path import FastPathMismatch
     from src.trainer import TrainCallback, TrainingDiverged
-    model = build_model(cfg, start_path, state_dict)
+    try:
+        module = training_module(cfg, build_model(cfg, start_path, state_dict))
+    except FastPathMismatch as e:
+        sys.exit(f"error: {e}")
     del state_dict
     print(f"training L{cfg.n_layer}-D{cfg.n_embd} from {start_path}: mini-epochs of {cfg.epoch_steps} steps x "
           f"{cfg.real_bsz} x {cfg.ctx_len} tokens, starting at mini-epoch {cfg.epoch_begin}")
     start = time.time()
     try:
-        fit(cfg, model, dataset, [TrainCallback(cfg, dataset, val_tokens)])
+        fit(cfg, module, dataset, [TrainCallback(cfg, dataset, val_tokens)])
     except (TrainingDiverged, CheckpointError) as e:
         sys.exit(f"error: {e}")
     print(f"done in {time.time() - start:.0f} s")

@@ -22,11 +22,6 @@ class ModelConfig:
     head_size: int = 64
     dim_att: int = 0          # 0 means n_embd
     dim_ffn: int = 0          # 0 means 4 * n_embd
-    grad_cp: int = 0          # 1: recompute each block in backward; 2: only its elementwise math (and LoRA ups); 3: and wkv7
-    deepspeed_checkpointing: bool = False  # DeepSpeed's (reentrant) activation checkpointing; GPU + DeepSpeed, eager
-    fused: bool = True        # the fast forms of the loss and kernels; False: their plain PyTorch twins
-    compile_blocks: bool = False  # fused CUDA training: each block's forward and backward compiled whole
-    cuda_graph: bool = False  # fused CUDA training: the blocks' forward and backward replayed as CUDA graphs
 
     def __post_init__(self):
         if self.dim_att <= 0:
@@ -58,6 +53,21 @@ class ModelConfig:
             raise ConfigError(f"--dim_att {self.dim_att}: RWKV-7 uses dim_att == n_embd; pass --dim_att 0 or {C}")
         if self.dim_ffn % 32 != 0:
             raise ConfigError(f"--dim_ffn {self.dim_ffn} must be a multiple of 32; try --dim_ffn {4 * C}")
+        if self.vocab_size < 2:
+            raise ConfigError(f"--vocab_size {self.vocab_size}: the RWKV vocab needs 65536")
+
+
+@dataclass
+class PerfConfig:
+    """How the engine runs the plain model (src/engine/fast_path.py); none of it changes the math."""
+    grad_cp: int = 0          # 1: recompute each block in backward; 2: only its elementwise math (and LoRA ups); 3: and wkv7
+    deepspeed_checkpointing: bool = False  # DeepSpeed's (reentrant) activation checkpointing; GPU + DeepSpeed, eager
+    fused: bool = True        # the twins (kernels, chunked loss) and compiled chains; False: the model's plain functions
+    compile_blocks: bool = False  # fused CUDA training: each block's forward and backward compiled whole
+    cuda_graph: bool = False  # fused CUDA training: the blocks' forward and backward replayed as CUDA graphs
+    zero_patches: bool = True  # DeepSpeed ZeRO-1/2: src/engine/zero_patches.py's grad norm, one-rank average and step
+
+    def validate(self):
         if self.grad_cp not in (0, 1, 2, 3):
             raise ConfigError(f"--grad_cp {self.grad_cp}: use 0 (keep every activation), 1 (recompute each block in "
                               f"backward), 2 (recompute only its elementwise math and LoRA up-projections) or 3 (those "
@@ -65,8 +75,6 @@ class ModelConfig:
         if self.grad_cp in (2, 3) and self.compile_blocks:
             raise ConfigError(f"--grad_cp {self.grad_cp} picks the operations to keep inside eager blocks, not inside "
                               f"blocks compiled whole; use --compile_blocks 0 or --grad_cp 1")
-        if self.vocab_size < 2:
-            raise ConfigError(f"--vocab_size {self.vocab_size}: the RWKV vocab needs 65536")
 
 
 @dataclass
@@ -127,6 +135,7 @@ class TrainConfig:
     fused: int = 1                # 0: plain PyTorch twins of the fused pieces (for checking them)
     compile_blocks: int = 0       # 1: on the fused path, compile whole blocks, not only the elementwise chains (faster; README)
     cuda_graph: int = 1           # 1: on the fused GPU path, replay the blocks as CUDA graphs (not with ZeRO-3; README)
+    zero_patches: int = 1         # 1: DeepSpeed ZeRO-1/2 with src/engine/zero_patches.py's faster pieces; 0: DeepSpeed's own
     val_data: str = ""            # held-out binidx prefix or jsonl(.zst): validation loss after every mini-epoch
     val_tokens: int = 1_000_000   # how many of its tokens to score
 
@@ -143,12 +152,15 @@ class TrainConfig:
         return self.strategy.startswith("deepspeed")
 
     def model_config(self) -> ModelConfig:
+        return ModelConfig(n_layer=self.n_layer, n_embd=self.n_embd, vocab_size=self.vocab_size,
+                           head_size=self.head_size, dim_att=self.dim_att, dim_ffn=self.dim_ffn)
+
+    def perf_config(self) -> PerfConfig:
         # ZeRO-3 gathers each parameter into new memory at every use: nothing for a recorded graph to read
         cuda_graph = self.cuda_graph == 1 and self.strategy != "deepspeed_stage_3"
-        return ModelConfig(n_layer=self.n_layer, n_embd=self.n_embd, vocab_size=self.vocab_size,
-                           head_size=self.head_size, dim_att=self.dim_att, dim_ffn=self.dim_ffn, grad_cp=self.grad_cp,
-                           fused=self.fused == 1, compile_blocks=self.compile_blocks == 1, cuda_graph=cuda_graph,
-                           deepspeed_checkpointing=self.uses_deepspeed and self.accelerator == "gpu" and not cuda_graph)
+        return PerfConfig(grad_cp=self.grad_cp, fused=self.fused == 1, compile_blocks=self.compile_blocks == 1,
+                          cuda_graph=cuda_graph, zero_patches=self.zero_patches == 1,
+                          deepspeed_checkpointing=self.uses_deepspeed and self.accelerator == "gpu" and not cuda_graph)
 
     def optim_config(self) -> OptimConfig:
         optimizer = "torch"
@@ -188,3 +200,4 @@ class TrainConfig:
         if self.data_type == "jsonl" and self.epoch_steps < 1:
             raise ConfigError(f"--epoch_steps {self.epoch_steps}: the jsonl stream needs --epoch_steps >= 1")
         self.model_config().validate()
+        self.perf_config().validate()

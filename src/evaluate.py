@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from src.binidx import BinIdx, DataError
 from src.dataset import DataProblems, find_shards, iter_shard_lines
 from src.tokenizer import END_OF_DOC, RWKVTokenizer
-from src.wkv7 import CHUNK_LEN
+from src.kernels.wkv7 import CHUNK_LEN
 
 IGNORE = -100  # target of a padded position
 LOGIT_ROWS = 4096  # positions put through the head at once: [4096, 65536] fp32 logits are 1 GiB

@@ -39,13 +39,13 @@ def saves_checkpoint(cfg: TrainConfig, run_epoch: int):
 
 
 def checkpoint_state_dict(trainer, pl_module):
-    """The full model weights as a plain state dict (gathered from every rank under ZeRO-3)."""
+    """The model's weights as a plain state dict (gathered from every rank under ZeRO-3)."""
+    model = pl_module.model
     if getattr(trainer.strategy, "zero_stage_3", False):
         import deepspeed
-        params = list(pl_module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-    return {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def copy_to_host(values):
@@ -185,7 +185,7 @@ class TrainCallback(pl.Callback):
     def validate(self, trainer, pl_module):
         """Validation loss on --val_data: each rank scores its share of the windows, then the shares add up."""
         from src.evaluate import val_loss
-        part = val_loss(pl_module, self.val_tokens, self.cfg.ctx_len, batch_size=self.cfg.micro_bsz,
+        part = val_loss(pl_module.model, self.val_tokens, self.cfg.ctx_len, batch_size=self.cfg.micro_bsz,
                         rank=trainer.global_rank, world_size=trainer.world_size)
         sums = torch.tensor([part["loss_sum"], part["tokens"]], dtype=torch.float64, device=pl_module.device)
         sums = trainer.strategy.reduce(sums, reduce_op="sum")

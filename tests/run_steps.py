@@ -49,18 +49,19 @@ def main():
     cfg = train.parse_args([a for a in train_argv if a != "--"])
     dataset, val_tokens, start_path, state_dict = train.prepare(cfg)
     model = train.build_model(cfg, start_path, state_dict)
+    module = train.training_module(cfg, model)
     recorder = LossRecorder()
     callbacks = [TrainCallback(cfg, dataset, val_tokens), recorder]
     if args.batches_out:
         callbacks.append(BatchRecorder(args.batches_out))
-    trainer = train.fit(cfg, model, dataset, callbacks, max_steps=args.steps)
+    trainer = train.fit(cfg, module, dataset, callbacks, max_steps=args.steps)
     if trainer.is_global_zero:
         peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
         with open(args.out, "w") as f:
             # logged_loss: what the progress bar last showed (the mini-epoch's running mean, as TrainCallback logs it)
             json.dump({"losses": recorder.losses, "logged_loss": callbacks[0].shown["loss"],
                        "peak_mem_gb": peak, "world_size": trainer.world_size,
-                       "cuda_graph": model._graphed is not None}, f)
+                       "cuda_graph": getattr(model.trunk, "graphed", None) is not None}, f)
 
 
 if __name__ == "__main__":

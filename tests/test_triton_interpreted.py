@@ -1,19 +1,21 @@
 """The Triton kernels of the fused path (LayerNorm, the head's softmax), run on the CPU by Triton's interpreter where
 Triton is installed (.ci/run installs it), against their PyTorch references. The GPU runs them compiled in
 tests/gpu/test_norm_loss_kernels.py; here their indexing, masks and partial sums are checked on every CI run.
+The fast path's guard runs here too: with the model's functions edited, it refuses the Triton twins.
 Each check runs in its own process: TRITON_INTERPRET must be set before Triton is first imported."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from src import head_loss, layer_norm, model, token_shift
+from src.kernels import head_loss, layer_norm, token_shift
+from src.model.rwkv7 import ChannelMix, TimeMix
 from tests.conftest import run
 
 pytest.importorskip("triton")
 
 
 def run_interpreted(call):
-    run("-c", f"import tests.test_triton_interpreted as t; t.{call}", timeout=600, env={"TRITON_INTERPRET": "1"})
+    return run("-c", f"import tests.test_triton_interpreted as t; t.{call}", timeout=600, env={"TRITON_INTERPRET": "1"})
 
 
 def check_layer_norm():
@@ -43,14 +45,14 @@ def check_token_shift():
     token_shift.FORWARD_ROWS = token_shift.BACKWARD_ROWS = 4
     token_shift.FORWARD_COLUMNS = token_shift.BACKWARD_COLUMNS = 16
     token_shift.backward_programs = lambda rows, column_blocks, device: 3
-    for (B, T, C), plain in [((3, 5, 40), model.time_mix_inputs.fn), ((2, 7, 16), model.channel_mix_input.fn),
-                             ((1, 1, 24), model.time_mix_inputs.fn)]:
+    for (B, T, C), plain in [((3, 5, 40), TimeMix.shift_mixes), ((2, 7, 16), ChannelMix.shift_mix),
+                             ((1, 1, 24), TimeMix.shift_mixes)]:
         check_token_shift_shape(B, T, C, plain)
 
 
 def check_token_shift_shape(B, T, C, plain):
     gen = torch.Generator().manual_seed(T)
-    mixes = 6 if plain is model.time_mix_inputs.fn else 1
+    mixes = 6 if plain is TimeMix.shift_mixes else 1
     x = torch.randn(B, T, C, generator=gen).requires_grad_()
     mus = [torch.rand(1, 1, C, generator=gen).requires_grad_() for _ in range(mixes)]
     grads = [torch.randn(B, T, C, generator=gen) for _ in range(mixes)]
@@ -101,3 +103,44 @@ def test_token_shift_kernels():
     float64: tiles that cross sequence ends (shift(x) is zero at each first token, and x[t] feeds only its own
     sequence's next token), a ragged column block, row ranges ending inside sequences, and one-token sequences."""
     run_interpreted("check_token_shift()")
+
+
+def check_guard(edit):
+    """The fast path on the CPU (its Triton twins in the interpreter) for a model whose plain function `edit` names
+    was changed: prints the guard's refusal, or "accepted"."""
+    from src.config import ModelConfig, PerfConfig
+    from src.engine.fast_path import FastPathMismatch, apply_fast_path
+    from src.model.rwkv7 import RWKV
+    from src.model.rwkv7 import token_shift as shift_minus_x
+    layer_norm.backward_programs = lambda device: 3
+    token_shift.backward_programs = lambda rows, column_blocks, device: 3
+
+    def time_mixes_one_changed(x, x_prev, *mus):
+        return tuple(x + shift_minus_x(x, x_prev) * mu * (1.5 if i == 3 else 1.0) for i, mu in enumerate(mus))
+
+    def channel_mix_changed(x, x_prev, x_k):
+        return x + shift_minus_x(x, x_prev) * (1 - x_k)
+    edits = {"one time-mix mix": (TimeMix, "shift_mixes", time_mixes_one_changed),
+             "channel-mix mix": (ChannelMix, "shift_mix", channel_mix_changed)}
+    if edit in edits:
+        owner, name, fn = edits[edit]
+        setattr(owner, name, staticmethod(fn))
+    model = RWKV(ModelConfig(n_layer=2, n_embd=64, head_size=16, vocab_size=300))
+    try:
+        apply_fast_path(model, PerfConfig(fused=True), torch.device("cpu"))
+        print("accepted")
+    except FastPathMismatch as e:
+        print(f"refused: {e}")
+
+
+@pytest.mark.parametrize("edit, refused", [("none", None), ("one time-mix mix", "TimeMix.shift_mixes"),
+                                           ("channel-mix mix", "ChannelMix.shift_mix")])
+def test_guard_refuses_a_changed_model_function(edit, refused):
+    """Edit one token-shift mix of the plain model and the fast path refuses to train, naming the function, the error
+    and --fused 0; unedited, it accepts its Triton twins (token shift, LayerNorm) and the chunked loss."""
+    out = run_interpreted(f"check_guard({edit!r})").stdout
+    if refused is None:
+        assert out.strip().endswith("accepted"), out
+    else:
+        assert f"refused: fast path: src/kernels/token_shift.py token_shift_mixes differs from {refused} of " \
+               f"src/model/rwkv7.py: relative error" in out and "--fused 0" in out, out

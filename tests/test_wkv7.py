@@ -12,8 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src import wkv7 as W
-from src.wkv7 import CHUNK_LEN, wkv7, wkv7_torch
+from src.kernels import wkv7 as W
+from src.kernels.wkv7 import CHUNK_LEN
+from src.model.rwkv7 import TimeMix
+from src.model.rwkv7 import wkv7_recurrence
 
 DT = torch.float64
 
@@ -49,29 +51,29 @@ def spec_loop(r, w, k, v, z, b):
 
 def test_oracle_matches_spec_loop():
     xs = model_inputs(2, 9, 2, 5)
-    y, S = wkv7_torch(*xs)
+    y, S = wkv7_recurrence(*xs)
     assert y.dtype == DT and S.shape == (2, 2, 5, 5)
     torch.testing.assert_close(y, spec_loop(*xs), rtol=1e-12, atol=1e-12)
 
 
 def test_oracle_float32_and_wkv7_cpu_dtype():
     xs = model_inputs(1, 12, 2, 8)
-    ref, _ = wkv7_torch(*xs)
-    y32 = wkv7(*[x.float() for x in xs])
+    ref, _ = wkv7_recurrence(*xs)
+    y32 = TimeMix.wkv(*[x.float() for x in xs])
     assert y32.dtype == torch.float32
     torch.testing.assert_close(y32.double(), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_oracle_gradcheck_all_inputs():
     xs = [x.clone().requires_grad_() for x in model_inputs(1, 5, 1, 3, seed=1)]
-    assert torch.autograd.gradcheck(lambda *a: wkv7_torch(*a)[0], xs, eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(lambda *a: wkv7_recurrence(*a)[0], xs, eps=1e-6, atol=1e-7)
 
 
 def test_chunked_evaluation_carries_state():
     xs = model_inputs(2, 20, 2, 4, seed=2)
-    y, S = wkv7_torch(*xs)
-    y1, S1 = wkv7_torch(*[x[:, :7] for x in xs])
-    y2, S2 = wkv7_torch(*[x[:, 7:] for x in xs], state=S1)
+    y, S = wkv7_recurrence(*xs)
+    y1, S1 = wkv7_recurrence(*[x[:, :7] for x in xs])
+    y2, S2 = wkv7_recurrence(*[x[:, 7:] for x in xs], state=S1)
     torch.testing.assert_close(torch.cat([y1, y2], 1), y, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(S2, S, rtol=1e-12, atol=1e-12)
 
@@ -79,8 +81,8 @@ def test_chunked_evaluation_carries_state():
 def test_end_padding_is_exact():
     xs = [x.requires_grad_() for x in model_inputs(1, 13, 2, 4, seed=3)]
     T, pad = 13, 3
-    y, _ = wkv7_torch(*xs)
-    yp, _ = wkv7_torch(*[F.pad(x, (0, 0, 0, 0, 0, pad)) for x in xs])
+    y, _ = wkv7_recurrence(*xs)
+    yp, _ = wkv7_recurrence(*[F.pad(x, (0, 0, 0, 0, 0, pad)) for x in xs])
     torch.testing.assert_close(yp[:, :T], y, rtol=1e-12, atol=1e-12)
     dy = torch.randn_like(y)
     g = torch.autograd.grad(y, xs, dy)
@@ -155,7 +157,7 @@ def test_chunked_algorithm_matches_oracle(decay):
         xs[1] = -9.0 + 0.5 * torch.rand_like(xs[1])
     xs = [x.requires_grad_() for x in xs]
     dy = torch.randn_like(xs[0])
-    y, _ = wkv7_torch(*xs)
+    y, _ = wkv7_recurrence(*xs)
     ref = (y,) + torch.autograd.grad(y, xs, dy)
     got = chunked_algorithm(*[x.detach() for x in xs], dy)
     for name, a, b in zip(["y", "dr", "dw", "dk", "dv", "dz", "db"], got, ref):

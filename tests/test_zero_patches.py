@@ -1,6 +1,6 @@
-"""src/zero_patches.py: the multi-tensor gradient norm that replaces DeepSpeed ZeRO-1/2's per-parameter loop gives
+"""src/engine/zero_patches.py: the multi-tensor gradient norm that replaces DeepSpeed ZeRO-1/2's per-parameter loop gives
 its numbers, the average of a gradient bucket is left out over one rank only, and the one-kernel optimizer step's
-pieces that run on CPU (src/adam_step.py: its arithmetic, its block table) are right. The kernel itself and the
+pieces that run on CPU (src/kernels/adam_step.py: its arithmetic, its block table) are right. The kernel itself and the
 step against DeepSpeed's: tests/gpu/test_zero_one_rank.py."""
 import types
 
@@ -26,17 +26,17 @@ def fake_optimizer():
 def test_foreach_norm_equals_deepspeed(one_rank, case):
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from src import zero_patches
-    zero_patches.install()
+    from src.engine import zero_patches
     g = torch.Generator().manual_seed(0)
     grads = [] if case == "empty" else [torch.randn(*shape, generator=g).bfloat16() * scale
                                         for shape, scale in [((768, 768), 1e-3), ((1, 1, 768), 2.0), ((12, 64), 1e-6), ((65536, 8), 0.1)]]
     if case in ("nan", "inf"):
         grads[1][0, 0, 3] = float(case)
     params = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
-    ours = DeepSpeedZeroOptimizer.get_grad_norm_direct(fake_optimizer(), grads, params)
-    assert DeepSpeedZeroOptimizer.get_grad_norm_direct is zero_patches.grad_norm_foreach
-    theirs = zero_patches._deepspeed_grad_norm(fake_optimizer(), grads, params)
+    optimizer = fake_optimizer()
+    zero_patches.install(optimizer)
+    ours = optimizer.get_grad_norm_direct(grads, params)
+    theirs = DeepSpeedZeroOptimizer.get_grad_norm_direct(fake_optimizer(), grads, params)
     assert ours.dtype == theirs.dtype == torch.float32
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)   # fp32 sums against DeepSpeed's fp64
     if case in ("nan", "inf"):
@@ -50,22 +50,37 @@ def test_average_over_one_rank_is_left_out(monkeypatch, ranks):
     import deepspeed.comm as dist
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from src import zero_patches
-    zero_patches.install()
+    from src.engine import zero_patches
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: ranks)
     averaged = []
-    monkeypatch.setattr(zero_patches, "_deepspeed_allreduce_and_copy", lambda opt, bucket, **kw: averaged.append(bucket))
+    monkeypatch.setattr(DeepSpeedZeroOptimizer, "allreduce_and_copy", lambda opt, bucket, **kw: averaged.append(bucket))
+    optimizer = types.SimpleNamespace(dp_process_group=None, sequence_parallel_size=1)
+    zero_patches.install(optimizer)
     bucket = [torch.randn(3, 4), torch.randn(5)]
-    DeepSpeedZeroOptimizer.allreduce_and_copy(types.SimpleNamespace(dp_process_group=None, sequence_parallel_size=1),
-                                              bucket)
+    optimizer.allreduce_and_copy(bucket)
     assert averaged == ([] if ranks == 1 else [bucket])
+
+
+def test_patches_are_installed_on_one_optimizer_only():
+    """install() gives one optimizer the replacements as its own methods; DeepSpeed's class, and so every other
+    optimizer, keeps DeepSpeed's code."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from src.engine import zero_patches
+    before = {name: getattr(DeepSpeedZeroOptimizer, name) for name in ("get_grad_norm_direct", "allreduce_and_copy",
+                                                                       "step")}
+    optimizer = types.SimpleNamespace()
+    zero_patches.install(optimizer)
+    assert optimizer.step.__func__ is zero_patches.step_one_pass and optimizer.step.__self__ is optimizer
+    assert optimizer.get_grad_norm_direct.__func__ is zero_patches.grad_norm_foreach
+    assert {name: getattr(DeepSpeedZeroOptimizer, name) for name in before} == before
 
 
 @pytest.mark.parametrize("decoupled", [True, False])
 def test_adam_update_is_adam(decoupled):
     """src/adam_step.py's arithmetic (DeepSpeed FusedAdam's, the one-kernel step's reference) over 5 steps equals
     torch's AdamW (decoupled weight decay) or Adam (L2), bias correction included."""
-    from src.adam_step import adam_update, bias_corrections
+    from src.kernels.adam_step import adam_update, bias_corrections
     g = torch.Generator().manual_seed(0)
     hyper = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     p0 = torch.randn(1000, generator=g)
@@ -88,7 +103,7 @@ def test_adam_update_is_adam(decoupled):
 def test_block_table_covers_every_element_once():
     """Each gradient split in blocks of BLOCK elements: every (gradient, element) is in exactly one block, at its
     place in the flat partition."""
-    from src.adam_step import BLOCK, BlockTable
+    from src.kernels.adam_step import BLOCK, BlockTable
     numels = [1, BLOCK, BLOCK + 1, 3 * BLOCK - 5, 768]
     table = BlockTable(numels, "cpu")
     covered = torch.zeros(sum(numels), dtype=torch.int64)
@@ -103,7 +118,7 @@ def test_block_table_covers_every_element_once():
 def test_block_table_claims_alignment_only_where_it_holds():
     """The kernel reads 8 elements at once only when every size, and every gradient's distance from the first, is
     a multiple of 8 elements; the offsets it gets locate each gradient."""
-    from src.adam_step import BlockTable
+    from src.kernels.adam_step import BlockTable
     flat = torch.zeros(4096, dtype=torch.bfloat16)
     aligned = [flat[0:16], flat[64:64 + 768], flat[1024:1032]]
     offsets, align = BlockTable([16, 768, 8], "cpu").grad_offsets(aligned)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from src.wkv7 import KERNELS, wkv7_kernel, _load_ops, wkv7_torch  # noqa: E402
+from src.kernels.wkv7 import KERNELS, wkv7_kernel, _load_ops  # noqa: E402
+from src.model.rwkv7 import wkv7_recurrence  # noqa: E402
 
 SHAPES = [(16, 512, 12, 64), (24, 4096, 16, 64)]
 DECAYS = ["model", "fast", "slow"]
@@ -60,7 +61,7 @@ def rel_err(a, b):
 
 def oracle(xs, dy):
     xs64 = [x.double().requires_grad_() for x in xs]
-    y, _ = wkv7_torch(*xs64)
+    y, _ = wkv7_recurrence(*xs64)
     return [y.detach()] + list(torch.autograd.grad(y, xs64, dy.double()))
 
 

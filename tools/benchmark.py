@@ -172,13 +172,14 @@ def main(argv=None):
                           weight_decay=0.001, enable_progress_bar=False, random_seed=0, fused=args.fused,
                           compile_blocks=args.compile_blocks, cuda_graph=args.cuda_graph)
         cfg.validate()
-        model = RWKV(cfg.model_config(), cfg.optim_config())
+        model = RWKV(cfg.model_config())
         model.init_weights()
+        module = train.training_module(cfg, model)
         dataset = RandomTokens(args.steps * cfg.micro_bsz, cfg.ctx_len, cfg.vocab_size)
         timer = StepTimer()
         profilers = [HostProfiler(args.steps - 8), StepProfiler(args.steps - 4), SyncReporter(args.steps - 10)]
         callbacks = [TrainCallback(cfg, dataset), timer] + (profilers if args.profile else [])
-        trainer = train.fit(cfg, model, dataset, callbacks, max_steps=args.steps)
+        trainer = train.fit(cfg, module, dataset, callbacks, max_steps=args.steps)
     if not trainer.is_global_zero:
         return
     step_s = statistics.median(b - a for a, b in zip(timer.times[args.warmup:], timer.times[args.warmup + 1:]))
@@ -186,7 +187,7 @@ def main(argv=None):
     gpu = torch.cuda.is_available() and args.accelerator != "cpu"
     result = dict(preset=args.preset, n_layer=cfg.n_layer, n_embd=cfg.n_embd, ctx_len=cfg.ctx_len,
                   micro_bsz=cfg.micro_bsz, devices=args.devices, grad_cp=args.grad_cp, fused=args.fused,
-                  compile_blocks=model.cfg.compile_blocks, cuda_graph=model._graphed is not None, strategy=args.strategy,
+                  compile_blocks=cfg.perf_config().compile_blocks, cuda_graph=getattr(model.trunk, "graphed", None) is not None, strategy=args.strategy,
                   precision=args.precision, steps=args.steps, step_ms=round(step_s * 1000, 2),
                   tokens_per_s=round(tokens_per_s),
                   mfu=round(6 * matmul_params(model) * tokens_per_s / (PEAK_FLOPS * args.devices), 4),

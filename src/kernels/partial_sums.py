@@ -1,5 +1,5 @@
 """The row split and the last step shared by the Triton backward kernels whose programs each own a fixed range of rows
-and keep their share of some per-column gradients (src/layer_norm.py, src/token_shift.py): each program writes its
+and keep their share of some per-column gradients (src/kernels/layer_norm.py, src/kernels/token_shift.py): each program writes its
 shares as one row of a [programs, K, C] fp32 buffer, and one small kernel sums its rows. The ranges are fixed, so the
 sums are the same on every run."""
 import functools

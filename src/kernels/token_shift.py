@@ -4,14 +4,14 @@ The backward is where compiled code lost most (Pile size, one H200: 1.23 ms for 
 times what its memory traffic needs): each mu_i's gradient is a sum over every row of g_i * (shift(x) - x), while
 x's gradient, sum_i g_i[t] (1 - mu_i) + g_i[t+1] mu_i, reads the same g_i. Here one pass reads each g_i once (0.64
 ms): a program takes a fixed range of rows of a block of columns, writes their x gradient and keeps its share of every
-mu_i's gradient in registers, summed over the programs by src/partial_sums.py. `time_mix_inputs` and
-`channel_mix_input` in src/model.py are the reference in tests.
+mu_i's gradient in registers, summed over the programs by src/kernels/partial_sums.py. `token_shift_mixes` replaces
+`TimeMix.shift_mixes` and `ChannelMix.shift_mix` of src/model/rwkv7.py on the fast path.
 """
 import functools
 
 import torch
 
-from src.partial_sums import cdiv, multiprocessors, row_ranges, sum_partials
+from src.kernels.partial_sums import cdiv, multiprocessors, row_ranges, sum_partials
 
 # rows and columns per tile and warps per program of the forward and of the backward (which holds a tile per mix), and
 # the backward's programs per multiprocessor: the fastest of a sweep on an H200 at the Pile size. Its fewest tiles per

@@ -2,13 +2,14 @@
 
 The backward is where the time goes: the weight and bias gradients are sums over every row. Each program of the
 backward kernel takes a fixed range of rows, writes their input gradient, and keeps its share of the weight and bias
-gradients in registers, summed over the programs by src/partial_sums.py. `F.layer_norm` is the reference in tests.
+gradients in registers, summed over the programs by src/kernels/partial_sums.py. `layer_norm_triton` replaces
+`nn.LayerNorm.forward` (F.layer_norm) on the fast path.
 """
 import functools
 
 import torch
 
-from src.partial_sums import cdiv, multiprocessors, row_ranges, sum_partials
+from src.kernels.partial_sums import cdiv, multiprocessors, row_ranges, sum_partials
 
 # rows per tile and warps per program, and the backward's programs per multiprocessor: the fastest of a sweep on an
 # H200 at both recipe sizes (C 768 and 1024)

@@ -1,6 +1,5 @@
-"""The training loss (docs/RECIPE.md section 5): head, cross-entropy and the L2Wrap extra gradient.
-
-`head_loss_reference` is the plain form: full logits, F.cross_entropy, L2Wrap. `head_loss_chunked` computes
+"""The training loss (docs/RECIPE.md section 5) in chunks: `head_loss_chunked` replaces `RWKV.head_loss` of
+src/model/rwkv7.py (full logits, F.cross_entropy, L2Wrap) on the fast path. It computes
 the same loss and gradients a chunk of tokens at a time, inside its forward pass, so the [B*T, V] logits
 (12.9 GB in bf16 at ctx 4096 x 24) never exist at once, and nothing is recomputed in backward. Each chunk's
 softmax, loss and gradient is `cross_entropy_grad`, on CUDA its Triton form `cross_entropy_grad_triton`.
@@ -8,37 +7,8 @@ softmax, loss and gradient is `cross_entropy_grad`, on CUDA its Triton form `cro
 import functools
 
 import torch
-import torch.nn.functional as F
 
-
-L2WRAP_FACTOR = 1e-4
-
-
-class L2Wrap(torch.autograd.Function):
-    """Identity on the loss; in backward, adds max_logit * 1e-4 / (B*T) to each position's argmax logit."""
-
-    @staticmethod
-    def forward(ctx, loss, logits):
-        ctx.save_for_backward(logits)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (logits,) = ctx.saved_tensors
-        factor = L2WRAP_FACTOR / (logits.shape[0] * logits.shape[1])
-        max_logit, argmax = torch.max(logits, -1, keepdim=True)
-        grad_logits = torch.zeros_like(logits).scatter_(-1, argmax, max_logit * factor)
-        return grad_output, grad_logits
-
-
-def head_loss_reference(x, head_weight, targets):
-    """x [B,T,C] (after ln_out), head_weight [V,C], targets [B,T] -> mean cross-entropy, with L2Wrap.
-    The softmax runs in fp32 as in the chunked form (on bf16 logits, F.cross_entropy would round the loss
-    itself to bf16: steps of 1/32 at a loss of 4 to 8)."""
-    logits = F.linear(x, head_weight)
-    loss = F.cross_entropy(logits.view(-1, logits.size(-1)).to(torch.promote_types(logits.dtype, torch.float32)),
-                           targets.reshape(-1))
-    return L2Wrap.apply(loss, logits)
+from src.model.rwkv7 import L2WRAP_FACTOR
 
 
 def cross_entropy_grad(logits, targets, n):

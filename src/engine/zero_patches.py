@@ -1,5 +1,6 @@
 """Three pieces of DeepSpeed ZeRO-1/2 replaced by equivalents that launch far fewer kernels or move less memory.
-install() puts them in place; every other case keeps DeepSpeed's own code.
+install(optimizer) puts them in place on one DeepSpeedZeroOptimizer (the ZeroPatches callback does, for the
+run's optimizer, with --zero_patches 1); every other case, and every other optimizer, keeps DeepSpeed's own code.
 
 The gradient norm (for --grad_clip): DeepSpeedZeroOptimizer.get_grad_norm_direct takes the norm of every
 parameter's gradient on its own, each through an fp64 copy: three kernel launches and their Python per parameter
@@ -18,18 +19,18 @@ kernel (src/adam_step.py) where DeepSpeed makes the flat fp32 gradient, clips it
 weights to bf16 in five passes over memory. The optimizer state is FusedAdam's own (exp_avg, exp_avg_sq, step of
 the flat fp32 partition), so checkpoints and DeepSpeed's other code see no difference.
 """
-import deepspeed.comm as dist
-import torch
+import types
 
-_deepspeed_grad_norm = None
-_deepspeed_allreduce_and_copy = None
-_deepspeed_step = None
+import deepspeed.comm as dist
+import pytorch_lightning as pl
+import torch
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 
 def grad_norm_foreach(optimizer, gradients, params, norm_type=2):
     if float(norm_type) != 2.0 or optimizer.model_parallel_rank != 0 or \
             any(getattr(p, "ds_pipe_replicated", False) for p in params):
-        return _deepspeed_grad_norm(optimizer, gradients, params, norm_type)
+        return DeepSpeedZeroOptimizer.get_grad_norm_direct(optimizer, gradients, params, norm_type)
     if gradients:
         total_norm = torch.stack(torch._foreach_norm(list(gradients), 2.0, dtype=torch.float32)).square().sum()
     else:
@@ -45,8 +46,8 @@ def allreduce_and_copy_one_rank(optimizer, small_bucket, rank=None, log=None, di
     group = optimizer.dp_process_group if process_group is None else process_group
     if dist.get_world_size(group=group) == 1 and optimizer.sequence_parallel_size == 1:
         return
-    _deepspeed_allreduce_and_copy(optimizer, small_bucket, rank=rank, log=log, divide=divide,
-                                  process_group=process_group)
+    DeepSpeedZeroOptimizer.allreduce_and_copy(optimizer, small_bucket, rank=rank, log=log, divide=divide,
+                                              process_group=process_group)
 
 
 def one_pass_applies(optimizer):
@@ -71,9 +72,9 @@ def step_one_pass(optimizer, closure=None):
     one kernel."""
     from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
 
-    from src.adam_step import BlockTable, adam_step
+    from src.kernels.adam_step import BlockTable, adam_step
     if not one_pass_applies(optimizer):
-        return _deepspeed_step(optimizer, closure)
+        return DeepSpeedZeroOptimizer.step(optimizer, closure)
     optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
     prev_scale = optimizer.loss_scale
     optimizer._update_scale(optimizer.overflow)
@@ -112,13 +113,17 @@ def step_one_pass(optimizer, closure=None):
         optimizer._update_model_bit16_weights(i)
 
 
-def install():
-    global _deepspeed_grad_norm, _deepspeed_allreduce_and_copy, _deepspeed_step
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    if _deepspeed_grad_norm is None:
-        _deepspeed_grad_norm = DeepSpeedZeroOptimizer.get_grad_norm_direct
-        _deepspeed_allreduce_and_copy = DeepSpeedZeroOptimizer.allreduce_and_copy
-        _deepspeed_step = DeepSpeedZeroOptimizer.step
-        DeepSpeedZeroOptimizer.get_grad_norm_direct = grad_norm_foreach
-        DeepSpeedZeroOptimizer.allreduce_and_copy = allreduce_and_copy_one_rank
-        DeepSpeedZeroOptimizer.step = step_one_pass
+def install(optimizer):
+    """The three replacements, on this optimizer only (DeepSpeed calls them as its own methods)."""
+    optimizer.get_grad_norm_direct = types.MethodType(grad_norm_foreach, optimizer)
+    optimizer.allreduce_and_copy = types.MethodType(allreduce_and_copy_one_rank, optimizer)
+    optimizer.step = types.MethodType(step_one_pass, optimizer)
+
+
+class ZeroPatches(pl.Callback):
+    """Installs the replacements on the run's ZeRO-1/2 optimizer once DeepSpeed has built it."""
+
+    def on_fit_start(self, trainer, pl_module):
+        optimizer = trainer.strategy.deepspeed_engine.optimizer
+        if isinstance(optimizer, DeepSpeedZeroOptimizer):
+            install(optimizer)

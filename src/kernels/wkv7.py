@@ -1,11 +1,7 @@
-"""The WKV7 recurrence (docs/RECIPE.md section 2): the pure-PyTorch version and the CUDA kernel binding.
+"""The WKV7 recurrence (docs/RECIPE.md section 2) as CUDA kernels: `wkv7_cuda` replaces `TimeMix.wkv` of
+src/model/rwkv7.py (the plain loop `wkv7_recurrence`, the oracle these kernels are tested against) on CUDA.
 
-Per batch and head, with an N x N state S (row = value channel, column = key channel):
-    d_t = exp(-exp(w_t));  s_t = S_{t-1} z_t;  S_t = S_{t-1} * d_t + s_t b_t^T + v_t k_t^T;  y_t = S_t r_t
-All tensors are [B, T, H, N]. The PyTorch loop below is both the CPU implementation and the oracle
-that every faster implementation is tested against (run it in float64 for that).
-
-On CUDA, `wkv7` runs the kernels of cuda/ (bf16 in and out, fp32 state): `wkv7_chunked.cu` (the
+It runs the kernels of cuda/ (bf16 in and out, fp32 state): `wkv7_chunked.cu` (the
 fused path) or the sequential baseline `wkv7_sequential.cu` (the reference recipe's design). They
 are built with torch.utils.cpp_extension on first use, once per head size, flags and sources, into
 ~/.cache/rwkv7_kernels, with a stale build lock removed (see _load_ops).
@@ -23,45 +19,11 @@ CHUNK_LEN = 16  # the CUDA kernel works on T in multiples of this; callers pad a
 KERNELS = ("chunked", "sequential")
 CHUNKED_HEAD_SIZES = (32, 64)  # the chunked kernels' layouts; other head sizes run the sequential one
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CUDA_DIR = os.path.join(_ROOT, "cuda")
 _SOURCES = ("wkv7_op.cpp", "wkv7_sequential.cu", "wkv7_chunked.cu")
 _HEADERS = ("wkv7_common.cuh", "wkv7_launch.h")
 _ops = {}  # head size -> op namespace torch.ops.wkv7_n<N>_<key> of the loaded build
-
-
-def wkv7_torch(r, w, k, v, z, b, state=None):
-    """Step-by-step WKV7 in float32 (or float64 if the inputs are). Returns (y, final state [B,H,N,N])."""
-    B, T, H, N = r.shape
-    dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
-    r, w, k, v, z, b = (t.to(dtype) for t in (r, w, k, v, z, b))
-    decay = torch.exp(-torch.exp(w))
-    S = torch.zeros(B, H, N, N, dtype=dtype, device=r.device) if state is None else state.to(dtype)
-    ys = []
-    # unbind: per-step views whose backward stacks once, instead of a full-size zero tensor per step
-    for r_t, d_t, k_t, v_t, z_t, b_t in zip(*(x.unbind(1) for x in (r, decay, k, v, z, b))):
-        s = S @ z_t.unsqueeze(-1)                                     # [B,H,N,1], the old state
-        # S * d + s b^T + v k^T, the two outer products as one rank-2 batched product
-        S = torch.baddbmm((S * d_t.unsqueeze(-2)).flatten(0, 1), torch.cat((s, v_t.unsqueeze(-1)), -1).flatten(0, 1),
-                          torch.stack((b_t, k_t), -2).flatten(0, 1)).view(B, H, N, N)
-        ys.append((S @ r_t.unsqueeze(-1)).squeeze(-1))
-    return torch.stack(ys, dim=1), S
-
-
-def wkv7(r, w, k, v, z, b, kernel="chunked"):
-    """WKV7 over a whole sequence from a zero state; [B,T,H,N] in, y [B,T,H,N] out in r's dtype.
-
-    CUDA tensors go through the CUDA kernel `kernel` ('chunked' or 'sequential'; computed in bf16
-    in/out with an fp32 state, any T: padded to a multiple of CHUNK_LEN internally); CPU tensors
-    through the PyTorch loop."""
-    if r.is_cuda:
-        return wkv7_cuda(r, w, k, v, z, b, kernel=kernel)
-    y, _ = wkv7_torch(r, w, k, v, z, b)
-    return y.to(r.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# CUDA path
 
 
 def build_flags(head_size, arch=None):
