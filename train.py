@@ -1,11 +1,12 @@
-"""Train RWKV-7: `python train.py --help`. The flags are the reference recipe's (see README.md)."""
+"""Train RWKV-7 with the reference recipe's flags: --train_stage 1 writes the init, --train_stage 3 trains from the
+newest checkpoint in --proj_dir (and resumes after a stop). README.md and demo-training-*.sh give whole recipes."""
 import argparse
 import os
 import sys
 import time
 from dataclasses import fields
 
-from src.config import ConfigError, TrainConfig
+from src.config import FLAG_GROUPS, ConfigError, TrainConfig
 
 
 def parse_bool(text):
@@ -16,11 +17,25 @@ def parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
-def parse_args(argv=None) -> TrainConfig:
+def shown_default(value):
+    """A default as it would be typed on the command line."""
+    return '""' if value == "" else str(value)
+
+
+def build_parser():
+    """One flag per TrainConfig field, with its name, default, group and help (src/config.py)."""
     parser = argparse.ArgumentParser(description=__doc__)
-    for f in fields(TrainConfig):   # one flag per TrainConfig field, same name and default
-        parser.add_argument(f"--{f.name}", type=parse_bool if f.type in (bool, "bool") else type(f.default), default=f.default)
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    groups = {name: parser.add_argument_group(name) for name in FLAG_GROUPS}
+    for f in fields(TrainConfig):
+        help_text = f"{f.metadata['help']} (default: {shown_default(f.default)})".replace("%", "%%")
+        groups[f.metadata["group"]].add_argument(
+            f"--{f.name}", type=parse_bool if f.type in (bool, "bool") else type(f.default), default=f.default,
+            help=help_text)
+    return parser
+
+
+def parse_args(argv=None) -> TrainConfig:
+    return TrainConfig(**vars(build_parser().parse_args(argv)))
 
 
 def resolve_precision(cfg: TrainConfig):
@@ -128,12 +143,27 @@ def build_trainer(cfg: TrainConfig, callbacks, max_steps=-1):
                       enable_progress_bar=cfg.enable_progress_bar, enable_model_summary=False)
 
 
+def check_accelerator(cfg: TrainConfig):
+    """Refuse --accelerator gpu without GPUs (or fewer than --devices) here, not in a Lightning traceback."""
+    import torch
+    if cfg.accelerator == "cpu":
+        return
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found == 0:
+        cpu_flags = "--accelerator cpu" + (" --strategy auto" if cfg.uses_deepspeed else "")
+        raise ConfigError(f"--accelerator {cfg.accelerator}: no GPU was found (torch.cuda.is_available() is False); "
+                          f"train on the CPU with {cpu_flags}, or install a CUDA build of torch")
+    if cfg.devices > found:
+        raise ConfigError(f"--devices {cfg.devices}: only {found} GPUs were found; use --devices {found}")
+
+
 def prepare(cfg: TrainConfig):
     """Every check that needs no model: flags, data, the start checkpoint's readability and shapes."""
     import torch
     from src.checkpoint import check_compatible
     from src.model import RWKV
     cfg.validate()
+    check_accelerator(cfg)
     os.makedirs(cfg.proj_dir, exist_ok=True)
     dataset = build_dataset(cfg)
     val_tokens = None

@@ -2,11 +2,14 @@
 import os
 import re
 import time
+import zipfile
 
 import torch
 
 CHECKPOINT_NAME = re.compile(r"^rwkv-(init|final|\d+)\.pth$")
 PARTIAL_WRITE = re.compile(r"^rwkv-(init|final|\d+)\.pth\.tmp\d+$")   # save_atomic's temporary files
+ZIP_MAGIC = b"PK\x03\x04"   # torch.save writes a zip archive
+PICKLE_MAGIC = b"\x80"        # the older torch.save format (_use_new_zipfile_serialization=False) is a pickle
 STREAM_STATE_DIR = "data_state"   # proj_dir/data_state: where the jsonl stream saves its position per mini-epoch
 
 
@@ -45,16 +48,31 @@ def numbered_checkpoints(proj_dir):
     return sorted(found, reverse=True)
 
 
+def unreadable_reason(path, error):
+    """Why torch.load failed on an existing file, and what to do: one line, without torch's long advice."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == ZIP_MAGIC and not zipfile.is_zipfile(path):   # torch.save's archive with its end missing
+        return ("is cut short (an interrupted save, copy or download); copy it again, or resume from an earlier "
+                "rwkv-<n>.pth")
+    if head != ZIP_MAGIC and not head.startswith(PICKLE_MAGIC):
+        return f"is not a PyTorch checkpoint (it starts with {head!r}); pass a .pth that train.py wrote"
+    return (f"holds objects other than tensors or is damaged ({type(error).__name__}); pass a state dict "
+            "saved as torch.save(model.state_dict(), path), such as a .pth that train.py wrote")
+
+
 def load_state_dict(path):
     """Load a checkpoint file; CheckpointError (naming the file) if it is missing, truncated or not a state dict."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pth that train.py wrote, "
+                              "e.g. out/<run>/rwkv-final.pth")
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # torch raises several types for truncated or corrupt zip files
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+    except Exception as e:   # torch raises several types for truncated or corrupt files
+        raise CheckpointError(f"checkpoint {path} {unreadable_reason(path, e)}") from e
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise CheckpointError(f"checkpoint {path} is not a plain state dict of tensors")
+        raise CheckpointError(f"checkpoint {path} is not a plain state dict of tensors; pass a .pth that train.py "
+                              "wrote")
     return state_dict
 
 
@@ -84,13 +102,18 @@ def load_newest(proj_dir, log=print):
     raise CheckpointError(f"every checkpoint in {proj_dir} is unreadable: {[p for _, p in candidates]}")
 
 
-def model_shape(state_dict):
-    """The flags a state dict was trained with, read off its tensors."""
-    vocab_size, n_embd = state_dict["emb.weight"].shape
-    n_head, head_size = state_dict["blocks.0.att.r_k"].shape
+def model_shape(state_dict, path):
+    """The flags a state dict was trained with, read off its tensors; CheckpointError if it is no RWKV-7 model."""
+    try:
+        vocab_size, n_embd = state_dict["emb.weight"].shape
+        n_head, head_size = state_dict["blocks.0.att.r_k"].shape
+        dim_ffn = state_dict["blocks.0.ffn.key.weight"].shape[0]
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"checkpoint {path} is not an RWKV-7 model (its emb.weight, blocks.0.att.r_k or "
+                              f"blocks.0.ffn.key.weight is missing or misshapen: {type(e).__name__} {e}); pass a .pth "
+                              "that train.py wrote") from e
     n_layer = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
-    return dict(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, head_size=head_size,
-                dim_ffn=state_dict["blocks.0.ffn.key.weight"].shape[0])
+    return dict(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, head_size=head_size, dim_ffn=dim_ffn)
 
 
 def check_compatible(state_dict, model_state, path, load_partial=False):
@@ -102,9 +125,9 @@ def check_compatible(state_dict, model_state, path, load_partial=False):
     unexpected = [k for k in state_dict if k not in model_state]
     if wrong or unexpected or (missing and not load_partial):
         try:
-            flags = " ".join(f"--{k} {v}" for k, v in model_shape(state_dict).items())
+            flags = " ".join(f"--{k} {v}" for k, v in model_shape(state_dict, path).items())
             hint = f"the file was trained with {flags}"
-        except (KeyError, ValueError):
+        except CheckpointError:
             hint = "the file lacks the keys to tell its shape"
         problems = wrong + [f"missing in file: {k}" for k in missing] + [f"not in model: {k}" for k in unexpected]
         if len(problems) > 12:

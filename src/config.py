@@ -1,5 +1,5 @@
 """Configuration objects passed explicitly from train.py to the model, the data and the trainer."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 DEEPSPEED_STRATEGIES = ("deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3")
@@ -89,55 +89,91 @@ class OptimConfig:
     optimizer: str = "torch"  # "fused" (DeepSpeed FusedAdam), "cpu_adam" (DeepSpeedCPUAdam), "torch"
 
 
+FLAG_GROUPS = ("model", "data", "optimizer and schedule", "checkpoints and logs", "hardware", "performance")
+
+
+def flag(default, group, help):
+    """A TrainConfig field and so a train.py flag: its default, its group in --help and one line on what it does."""
+    assert group in FLAG_GROUPS, group
+    return field(default=default, metadata={"group": group, "help": help})
+
+
 @dataclass
 class TrainConfig:
     """Every flag of train.py (the reference recipe's names, meanings and defaults)."""
-    load_model: str = ""
-    wandb: str = ""               # wandb project; empty means off
-    proj_dir: str = "out"
-    random_seed: int = -1
-    data_file: str = ""
-    data_type: str = "binidx"     # binidx | jsonl
-    vocab_size: int = 65536
-    ctx_len: int = 1024
-    epoch_steps: int = 1000       # binidx: derived as 40320 // real_bsz
-    epoch_count: int = 500        # binidx: derived as magic_prime // 40320
-    epoch_begin: int = 0
-    epoch_save: int = 5
-    micro_bsz: int = 12
-    n_layer: int = 6
-    n_embd: int = 512
-    dim_att: int = 0
-    dim_ffn: int = 0
-    lr_init: float = 6e-4
-    lr_final: float = 1e-5
-    warmup_steps: int = -1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    adam_eps: float = 1e-18
-    grad_cp: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    train_stage: int = 0
-    ds_bucket_mb: int = 200
-    head_size: int = 64
-    load_partial: int = 0
-    magic_prime: int = 0
-    my_testing: str = "x070"
-    my_exit_tokens: int = 0
-    layerwise_lr: int = 1
-    accelerator: str = "gpu"
-    devices: int = 1
-    num_nodes: int = 1
-    precision: str = "bf16"       # fp32 | tf32 | fp16 | bf16 (32 / 16 accepted)
-    strategy: str = "auto"
-    enable_progress_bar: bool = True
-    fused: int = 1                # 0: plain PyTorch twins of the fused pieces (for checking them)
-    compile_blocks: int = 0       # 1: on the fused path, compile whole blocks, not only the elementwise chains (faster; README)
-    cuda_graph: int = 1           # 1: on the fused GPU path, replay the blocks as CUDA graphs (not with ZeRO-3; README)
-    zero_patches: int = 1         # 1: DeepSpeed ZeRO-1/2 with src/engine/zero_patches.py's faster pieces; 0: DeepSpeed's own
-    val_data: str = ""            # held-out binidx prefix or jsonl(.zst): validation loss after every mini-epoch
-    val_tokens: int = 1_000_000   # how many of its tokens to score
+    load_model: str = flag("", "checkpoints and logs", "start weights (.pth) for --train_stage 0; empty: a new init "
+                           "written to --proj_dir/rwkv-init.pth")
+    wandb: str = flag("", "checkpoints and logs", "Weights & Biases project to log each step to; empty: off")
+    proj_dir: str = flag("out", "checkpoints and logs", "run folder: rwkv-<n>.pth checkpoints, train_log.txt and "
+                         "the jsonl stream's saved positions")
+    random_seed: int = flag(-1, "model", "seed of the init, the training and the jsonl shard order; -1: unseeded "
+                            "(shard order of seed 0)")
+    data_file: str = flag("", "data", "binidx PREFIX of PREFIX.bin + PREFIX.idx, or for --data_type jsonl a "
+                          "folder, file or glob of .jsonl / .jsonl.zst shards")
+    data_type: str = flag("binidx", "data", "binidx (the magic-prime sample order) or jsonl (shards tokenized "
+                          "and packed on the fly)")
+    vocab_size: int = flag(65536, "model", "rows of the embedding and the head; the RWKV vocab needs 65536")
+    ctx_len: int = flag(1024, "data", "tokens per sample, a multiple of 16")
+    epoch_steps: int = flag(1000, "data", "steps per mini-epoch for jsonl; binidx sets 40320 // real batch")
+    epoch_count: int = flag(500, "optimizer and schedule", "mini-epochs of the schedule when --my_exit_tokens is "
+                            "0; binidx sets magic_prime // 40320")
+    epoch_begin: int = flag(0, "optimizer and schedule", "this run's first mini-epoch (its place in the schedule, "
+                            "logs and checkpoint names); --train_stage 2 and up set it from the newest checkpoint")
+    epoch_save: int = flag(5, "checkpoints and logs", "write rwkv-<n>.pth every this many mini-epochs of a run "
+                           "(and after the schedule's last one)")
+    micro_bsz: int = flag(12, "data", "samples per step per GPU; the real batch, micro_bsz x devices x "
+                          "num_nodes, must divide 40320 for binidx")
+    n_layer: int = flag(6, "model", "blocks")
+    n_embd: int = flag(512, "model", "width, a multiple of 32 and of --head_size")
+    dim_att: int = flag(0, "model", "time-mix width; RWKV-7 needs n_embd (0 means n_embd)")
+    dim_ffn: int = flag(0, "model", "channel-mix inner width, a multiple of 32 (0 means 4 x n_embd)")
+    lr_init: float = flag(6e-4, "optimizer and schedule", "learning rate after warmup, where the cosine decay "
+                          "starts")
+    lr_final: float = flag(1e-5, "optimizer and schedule", "learning rate at the end of the cosine decay")
+    warmup_steps: int = flag(-1, "optimizer and schedule", "steps of this run that warm the lr up linearly from "
+                             "1%; -1: 10 when resuming from rwkv-<n>.pth, else 0")
+    beta1: float = flag(0.9, "optimizer and schedule", "Adam beta1")
+    beta2: float = flag(0.99, "optimizer and schedule", "Adam beta2")
+    adam_eps: float = flag(1e-18, "optimizer and schedule", "Adam epsilon")
+    grad_cp: int = flag(0, "performance", "activation checkpointing: 0 keeps every activation, 1 recomputes each "
+                        "block in backward, 2 only its elementwise math and LoRA up-projections, 3 those and wkv7 "
+                        "(2 and 3 give the numbers of 1)")
+    weight_decay: float = flag(0.0, "optimizer and schedule", "decoupled weight decay of the matrix weights; 0: "
+                               "plain Adam")
+    grad_clip: float = flag(1.0, "optimizer and schedule", "largest gradient norm; larger ones are scaled down")
+    train_stage: int = flag(0, "checkpoints and logs", "0: train from --load_model or a new init; 1: write "
+                            "--proj_dir/rwkv-init.pth and exit; 2 and up: resume from the newest checkpoint there")
+    ds_bucket_mb: int = flag(200, "performance", "DeepSpeed's allgather and reduce bucket size in MB (2 for "
+                             "consumer GPUs, 200 for A100 / H100)")
+    head_size: int = flag(64, "model", "channels per head (n_embd / head_size heads)")
+    load_partial: int = flag(0, "checkpoints and logs", "1: a --load_model file may lack tensors, which keep "
+                             "their init")
+    magic_prime: int = flag(0, "data", "binidx: the prime that orders the samples (tools/magic_prime.py PREFIX "
+                            "--ctx_len N prints it)")
+    my_testing: str = flag("x070", "model", "model version; this recipe trains x070 (RWKV-7) only")
+    my_exit_tokens: int = flag(0, "optimizer and schedule", "tokens at which the cosine decay ends and the run "
+                               "writes rwkv-final.pth (tools/magic_prime.py prints it); 0: after --epoch_count "
+                               "mini-epochs")
+    layerwise_lr: int = flag(1, "optimizer and schedule", "1: att.w0 at 2x the lr, as the reference; 0: every "
+                             "parameter at 1x")
+    accelerator: str = flag("gpu", "hardware", "gpu (or cuda) or cpu")
+    devices: int = flag(1, "hardware", "GPUs (or CPU processes) per node")
+    num_nodes: int = flag(1, "hardware", "machines, each running the same command (README: several nodes)")
+    precision: str = flag("bf16", "hardware", "fp32, tf32, fp16 or bf16 (32 and 16 are accepted)")
+    strategy: str = flag("auto", "hardware", "auto (Lightning's choice, DDP on several devices), "
+                         "deepspeed_stage_2, deepspeed_stage_2_offload or deepspeed_stage_3")
+    enable_progress_bar: bool = flag(True, "checkpoints and logs", "show the progress bar: True or False")
+    fused: int = flag(1, "performance", "1: the fast path's kernels, chunked loss and compiled chains, each checked "
+                      "against the model first; 0: the model's plain functions (on GPU with the sequential wkv7 kernel)")
+    compile_blocks: int = flag(0, "performance", "1: on the fused path, compile whole blocks, not only the "
+                               "elementwise chains (faster; not with ZeRO-3; README)")
+    cuda_graph: int = flag(1, "performance", "1: on the fused GPU path, replay the blocks as CUDA graphs (not with "
+                           "ZeRO-3; README); 0: eager blocks")
+    zero_patches: int = flag(1, "performance", "1: DeepSpeed ZeRO-1/2 with src/engine/zero_patches.py's gradient "
+                             "norm, one-rank average and one-kernel step; 0: DeepSpeed's own code")
+    val_data: str = flag("", "data", "held-out binidx PREFIX or jsonl(.zst): validation loss after every "
+                         "mini-epoch; empty: none")
+    val_tokens: int = flag(1_000_000, "data", "how many tokens of --val_data to score")
 
     @property
     def world_size(self) -> int:

@@ -163,6 +163,9 @@ def val_loss(model, tokens, ctx_len, batch_size=4, device=None, rank=0, world_si
 def lambada_examples(path, tokenizer, limit=None):
     """[(context ids, target ids)] per line {"text": ...}: split at the last space; context ids =
     [0] + encode(text before it), target ids = encode(the last word with its leading space)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found: pass the LAMBADA test set, a jsonl of {{\"text\": ...}} lines "
+                        f"(lambada_test.jsonl)")
     examples = []
     for line_no, line in enumerate(iter_shard_lines(path, DataProblems()), 1):
         if limit is not None and len(examples) >= limit:

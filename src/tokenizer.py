@@ -12,6 +12,7 @@ import re
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VOCAB = os.path.join(REPO_ROOT, "rwkv_vocab_v20230424.txt")
+VOCAB_FIX = "pass the path of rwkv_vocab_v20230424.txt (it is committed at the top of the repository)"
 END_OF_DOC = 0  # id 0 is not in the vocab file; it ends every document
 
 # Any cut is correct (chunks that could merge across the cut are re-tokenized together);
@@ -26,24 +27,28 @@ _END_OF_TEXT = (256,)  # stands for the chunk after the last one: its "first byt
 
 def _parse_vocab(path):
     """Yield (id, token bytes) from lines `<id> <python str/bytes literal> <byte length>`."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            first, last = line.index(" "), line.rindex(" ")
-            token = ast.literal_eval(line[first:last].strip())
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+                first, last = line.index(" "), line.rindex(" ")
+                token = ast.literal_eval(line[first:last].strip())
+                token_id, length = int(line[:first]), int(line[last:])
+            except (ValueError, SyntaxError) as e:
+                raise ValueError(f"{path}:{line_no} is not a vocab line (<id> <token literal> <byte length>); "
+                                 f"{VOCAB_FIX}") from e
             if isinstance(token, str):
                 token = token.encode("utf-8")
-            if len(token) != int(line[last:]):
-                raise ValueError(f"{path}:{line_no}: token length {len(token)} != {line[last:].strip()}")
-            yield int(line[:first]), token
+            if len(token) != length:
+                raise ValueError(f"{path}:{line_no}: token length {len(token)} != {length}")
+            yield token_id, token
 
 
 class RWKVTokenizer:
     def __init__(self, vocab_path=None):
         vocab_path = vocab_path or DEFAULT_VOCAB
         if not os.path.isfile(vocab_path):
-            raise FileNotFoundError(
-                f"tokenizer vocab {vocab_path} not found: pass the path of rwkv_vocab_v20230424.txt "
-                f"(it is committed at the top of the repository)")
+            raise FileNotFoundError(f"tokenizer vocab {vocab_path} not found; {VOCAB_FIX}")
         vocab = dict(_parse_vocab(vocab_path))
         self.real_vocab_size = max(vocab) + 1  # 65530: the entries plus id 0
         self.id_to_bytes = [b""] * self.real_vocab_size

@@ -49,14 +49,16 @@ def download(url, dest, timeout=60):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("url")
-    parser.add_argument("dest")
+    parser.add_argument("url", help="http(s) URL of the file")
+    parser.add_argument("dest", help="where to write it, e.g. data/minipile.bin")
     args = parser.parse_args(argv)
     try:
         download(args.url, args.dest)
-    except (OSError, urllib.error.URLError) as e:
-        sys.exit(f"error: could not download {args.url}: {e}\n"
-                 f"Fetch it by hand into {args.dest} (a partial {args.dest}.part is resumed on the next run).")
+    except OSError as e:   # urllib's errors are OSErrors too; a URLError's text wraps its reason in <urlopen error>
+        reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
+        sys.exit(f"error: could not download {args.url} into {args.dest}: {reason}; check the URL and that "
+                 f"{args.dest}'s folder can be written, or fetch the file by hand into {args.dest} (a partial "
+                 f"{args.dest}.part is resumed on the next run)")
 
 
 if __name__ == "__main__":

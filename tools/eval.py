@@ -1,7 +1,7 @@
 """Evaluate a checkpoint; prints one JSON line on stdout (progress and warnings go to stderr).
 
-    python tools/eval.py --model out/L12-D768-x070/rwkv-final.pth --data ../shared/data/corpus/val.jsonl.zst --ctx_len 512
-    python tools/eval.py --model out/L12-D768-x070/rwkv-final.pth --lambada ../shared/data/lambada_test.jsonl
+    python tools/eval.py --model out/L12-D768-x070/rwkv-final.pth --data data/val.jsonl.zst --ctx_len 512
+    python tools/eval.py --model out/L12-D768-x070/rwkv-final.pth --lambada data/lambada_test.jsonl
 
 --data takes a binidx (PREFIX, PREFIX.bin or PREFIX.idx) or jsonl(.zst) files, folders or globs:
 validation loss and perplexity over non-overlapping ctx_len windows of the token stream (documents
@@ -17,7 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from src.binidx import DataError  # noqa: E402
 from src.checkpoint import CheckpointError  # noqa: E402
 from src.evaluate import lambada, load_token_stream, val_loss  # noqa: E402
 from src.tokenizer import RWKVTokenizer  # noqa: E402
@@ -66,7 +65,7 @@ def main(argv=None):
             seconds = time.time() - start
             result.update(task="lambada", examples=scores["n"], accuracy=scores["accuracy"], ppl=scores["ppl"],
                           seconds=round(seconds, 3), examples_per_s=round(scores["n"] / max(seconds, 1e-9), 2))
-    except (CheckpointError, DataError, FileNotFoundError) as e:
+    except (CheckpointError, OSError, ValueError) as e:   # DataError and the vocab's errors are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result), flush=True)

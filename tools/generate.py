@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from src.checkpoint import load_state_dict, model_shape, numbered_checkpoints  # noqa: E402
+from src.checkpoint import CheckpointError, load_state_dict, model_shape, numbered_checkpoints  # noqa: E402
 from src.config import ModelConfig  # noqa: E402
 from src.model import RWKV  # noqa: E402
 from src.tokenizer import RWKVTokenizer  # noqa: E402
@@ -27,13 +27,13 @@ def newest_checkpoint(proj_dir):
         return final
     saved = numbered_checkpoints(proj_dir)
     if not saved:
-        raise SystemExit(f"error: no rwkv-*.pth in {proj_dir}; pass --model PATH.pth")
+        raise CheckpointError(f"no rwkv-*.pth in {proj_dir}; pass --model PATH.pth")
     return saved[0][1]
 
 
 def load_model(path, device):
     state_dict = load_state_dict(path)
-    model = RWKV(ModelConfig(**model_shape(state_dict)))
+    model = RWKV(ModelConfig(**model_shape(state_dict, path)))
     model.load_state_dict({k: v.float() for k, v in state_dict.items()})
     return model.to(device).eval()
 
@@ -76,18 +76,24 @@ def generate(model, tokenizer, prompt, length, temperature=1.0, top_p=0.85, seed
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="", help=f"a .pth; default: the newest checkpoint in {DEFAULT_PROJ_DIR}")
-    parser.add_argument("--prompt", default="\nThe")
+    parser.add_argument("--prompt", default="\nThe", help="text to continue")
     parser.add_argument("--length", type=int, default=200, help="tokens to generate")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_p", type=float, default=0.85)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="softmax temperature; 0 takes the most likely token")
+    parser.add_argument("--top_p", type=float, default=0.85, help="sample from the likeliest tokens whose "
+                        "probabilities sum to this")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda or cpu (default: cuda where there is a GPU)")
     parser.add_argument("--vocab", default=None, help="vocab file (default: rwkv_vocab_v20230424.txt)")
     args = parser.parse_args(argv)
 
-    path = args.model or newest_checkpoint(DEFAULT_PROJ_DIR)
-    model = load_model(path, args.device)
-    tokenizer = RWKVTokenizer(args.vocab)
+    try:
+        path = args.model or newest_checkpoint(DEFAULT_PROJ_DIR)
+        model = load_model(path, args.device)
+        tokenizer = RWKVTokenizer(args.vocab)
+    except (CheckpointError, OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
     cfg = model.cfg
     print(f"# {path}: L{cfg.n_layer}-D{cfg.n_embd}, vocab {cfg.vocab_size}, on {args.device}", file=sys.stderr)
     sys.stdout.write(args.prompt)

@@ -119,6 +119,8 @@ def main():
                     os.remove(unshuffled + suffix)
     except DataError as error:
         sys.exit(f"error: {error}")
+    except OSError as error:   # the inputs were found readable files: most likely --output cannot be written
+        sys.exit(f"error: {error.filename}: {error.strerror}; pass --output a PREFIX in a folder you can write to")
     if report := problems.report():
         print(f"warning: {report}")
     print(f"wrote {args.output}.bin/.idx: {num_tokens} tokens from {len(files)} files, {args.copies} copies")

@@ -26,6 +26,7 @@ REFERENCE_LOSSES = [4.875856, 4.028621, 3.801625, 3.663070, 3.578974, 3.510906, 
                     3.336911, 3.313411, 3.295895]
 REFERENCE_LABEL = "MiniPile reference (L12-D768, ctx 512)"
 FIGSIZE, DPI = (9, 5.5), 100
+LOG_FIX = "pass the train_log.txt that train.py writes in a run's --proj_dir"
 
 
 class LogError(ValueError):
@@ -57,12 +58,16 @@ def run_epoch_samples(line):
 def parse_log(path, ctx_len=None):
     """{"mini_epoch": [...], "tokens": [...], "loss": [...]} of a train_log.txt, sorted by mini-epoch.
     ctx_len: used for lines of a run whose arguments line gives none."""
-    points, run_ctx, run_samples, after_new_run = {}, None, MINI_EPOCH_SAMPLES, False
-    with open(path, errors="replace") as f:
+    points, run_ctx, run_samples, after_new_run, runs = {}, None, MINI_EPOCH_SAMPLES, False, 0
+    try:
+        f = open(path, errors="replace")
+    except OSError as e:
+        raise LogError(f"cannot read {path}: {e.strerror}; {LOG_FIX}") from e
+    with f:
         for line_no, line in enumerate(f, 1):
             line = line.strip()
             if line.startswith("NEW RUN"):
-                run_ctx, run_samples, after_new_run = None, MINI_EPOCH_SAMPLES, True
+                run_ctx, run_samples, after_new_run, runs = None, MINI_EPOCH_SAMPLES, True, runs + 1
                 continue
             if after_new_run and line.startswith("{"):
                 run_ctx, run_samples = run_arg(line, "ctx_len"), run_epoch_samples(line)
@@ -80,6 +85,8 @@ def parse_log(path, ctx_len=None):
                                f"'ctx_len' after the NEW RUN line before it); pass --ctx_len")
             epoch = int(fields[0])
             points[epoch] = (tokens_seen(epoch, run_ctx or ctx_len, run_samples), loss)
+    if not runs and not points:
+        raise LogError(f"{path} is not a train_log.txt (no NEW RUN line and no mini-epoch lines); {LOG_FIX}")
     epochs = sorted(points)
     return {"mini_epoch": epochs, "tokens": [points[e][0] for e in epochs], "loss": [points[e][1] for e in epochs]}
 
@@ -141,8 +148,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         curves = plot(args.logs, args.out, args.ctx_len, args.title)
-    except (OSError, LogError) as e:
+    except LogError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:   # parse_log reports unreadable logs: this is the PNG
+        print(f"error: cannot write {args.out}: {e.strerror}; pass --out a .png path in a writable folder",
+              file=sys.stderr)
         return 2
     for curve in curves[1:]:
         last = f"mini-epoch {curve['mini_epoch'][-1]}, loss {curve['loss'][-1]:.4f}" if curve["loss"] else "no mini-epochs"
