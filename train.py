@@ -46,8 +46,8 @@ def resolve_precision(cfg: TrainConfig):
 
 def build_dataset(cfg: TrainConfig):
     """Check the data and build the dataset; fixes epoch_steps / epoch_count for binidx (docs/RECIPE.md section 7)."""
-    from src.checkpoint import STREAM_STATE_DIR
-    from src.dataset import BinidxDataset, JsonlStreamDataset, MINI_EPOCH_SAMPLES
+    from src.train.checkpoint import STREAM_STATE_DIR
+    from src.data.dataset import BinidxDataset, JsonlStreamDataset, MINI_EPOCH_SAMPLES
     if cfg.data_type == "binidx":
         cfg.epoch_steps = MINI_EPOCH_SAMPLES // cfg.real_bsz
         dataset = BinidxDataset(cfg.data_file, cfg.ctx_len, cfg.magic_prime, cfg.micro_bsz, cfg.world_size,
@@ -65,7 +65,7 @@ def build_dataset(cfg: TrainConfig):
 def write_init(cfg: TrainConfig):
     """--train_stage 1: docs/RECIPE.md section 3's init, saved in the training precision as proj_dir/rwkv-init.pth."""
     import torch
-    from src.checkpoint import move_aside, save_atomic
+    from src.train.checkpoint import move_aside, save_atomic
     from src.model import RWKV
     move_aside(cfg.proj_dir)
     if cfg.random_seed >= 0:
@@ -86,7 +86,7 @@ def is_other_rank():
 
 def load_start_weights(cfg: TrainConfig):
     """The weights this run starts from, setting epoch_begin and warmup_steps as the reference does."""
-    from src.checkpoint import load_newest, load_state_dict
+    from src.train.checkpoint import load_newest, load_state_dict
     if cfg.train_stage >= 2:   # resume: the newest readable rwkv-<n>.pth (rwkv-init.pth is n = -1)
         n, path, state_dict = load_newest(cfg.proj_dir)
         cfg.epoch_begin = n + 1
@@ -106,7 +106,7 @@ def load_start_weights(cfg: TrainConfig):
 def build_trainer(cfg: TrainConfig, callbacks, max_steps=-1):
     import pytorch_lightning as pl
     import torch
-    from src.trainer import ProgressBar, TrainCallback
+    from src.train.callbacks import ProgressBar, TrainCallback
     train_callbacks = [c for c in callbacks if isinstance(c, TrainCallback)]
     if cfg.enable_progress_bar and train_callbacks:   # the bar shows its lr, loss and Kt/s
         callbacks = callbacks + [ProgressBar(train_callbacks[0])]
@@ -160,7 +160,7 @@ def check_accelerator(cfg: TrainConfig):
 def prepare(cfg: TrainConfig):
     """Every check that needs no model: flags, data, the start checkpoint's readability and shapes."""
     import torch
-    from src.checkpoint import check_compatible
+    from src.train.checkpoint import check_compatible
     from src.model import RWKV
     cfg.validate()
     check_accelerator(cfg)
@@ -168,7 +168,7 @@ def prepare(cfg: TrainConfig):
     dataset = build_dataset(cfg)
     val_tokens = None
     if cfg.val_data:
-        from src.evaluate import load_token_stream
+        from src.train.evaluate import load_token_stream
         val_tokens = load_token_stream(cfg.val_data, max_tokens=cfg.val_tokens)
     start_path, state_dict = load_start_weights(cfg)
     if state_dict is not None:
@@ -181,7 +181,7 @@ def prepare(cfg: TrainConfig):
 def build_model(cfg: TrainConfig, start_path, state_dict):
     """The plain model with the start weights; tensors missing from a --load_partial file keep their init."""
     import pytorch_lightning as pl
-    from src.checkpoint import load_state_dict
+    from src.train.checkpoint import load_state_dict
     from src.model import RWKV
     if cfg.random_seed >= 0:
         pl.seed_everything(cfg.random_seed)
@@ -207,7 +207,7 @@ def training_module(cfg: TrainConfig, model):
 
 def fit(cfg: TrainConfig, model, dataset, callbacks, max_steps=-1):
     from torch.utils.data import DataLoader
-    from src.dataset import STREAM_WORKERS
+    from src.data.dataset import STREAM_WORKERS
     # workers are started anew each mini-epoch, after the callback has set the dataset's epoch and rank
     loader = DataLoader(dataset, batch_size=cfg.micro_bsz, shuffle=False, drop_last=True,
                         num_workers=STREAM_WORKERS if cfg.data_type == "jsonl" else 1,
@@ -228,9 +228,9 @@ def main(argv=None):
         dataset, val_tokens, start_path, state_dict = prepare(cfg)
     except (ConfigError, ValueError, RuntimeError, OSError) as e:
         sys.exit(f"error: {e}")
-    from src.checkpoint import CheckpointError
+    from src.train.checkpoint import CheckpointError
     from src.engine.fast_path import FastPathMismatch
-    from src.trainer import TrainCallback, TrainingDiverged
+    from src.train.callbacks import TrainCallback, TrainingDiverged
     try:
         module = training_module(cfg, build_model(cfg, start_path, state_dict))
     except FastPathMismatch as e:

@@ -47,8 +47,8 @@ def byte_data(tmp_path_factory):
                 break
     tokens = np.frombuffer(bytes(data[:1_350_000]), dtype=np.uint8).astype(np.uint16)
     prefix = str(tmp_path_factory.mktemp("bytes") / "bytes")
-    from src.binidx import write_binidx
-    from src.dataset import find_magic_prime
+    from src.data.binidx import write_binidx
+    from src.data.dataset import find_magic_prime
     write_binidx(prefix, [tokens])
     return prefix, find_magic_prime(len(tokens), CTX)
 

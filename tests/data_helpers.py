@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import zstandard
 
-from src.dataset import DataProblems, iter_shard_lines
+from src.data.dataset import DataProblems, iter_shard_lines
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(REPO_ROOT, "..", "shared", "data", "corpus")
@@ -100,8 +100,8 @@ def check_two_ranks_stream(tmp_path, *train_flags):
     """Train 60 steps on 2 ranks from 4 small shards (tests/run_steps.py with `train_flags`), then assert from the
     batches each rank trained on that the 2 ranks x STREAM_WORKERS readers served every document exactly once
     in each of the first two passes."""
-    from src.dataset import STREAM_WORKERS
-    from src.tokenizer import RWKVTokenizer
+    from src.data.dataset import STREAM_WORKERS
+    from src.data.tokenizer import RWKVTokenizer
     from tests.conftest import run_steps
     texts = write_numbered_shards(tmp_path / "shards", 12)
     batches = tmp_path / "batches"

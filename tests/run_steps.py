@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402  (first: importing src sets its warning filters before Lightning is imported)
-from src.trainer import TrainCallback  # noqa: E402
+from src.train.callbacks import TrainCallback  # noqa: E402
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402

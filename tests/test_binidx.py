@@ -7,16 +7,17 @@ import sys
 import numpy as np
 import pytest
 
-from src.binidx import BinIdx, DataError, write_binidx
-from src.dataset import find_magic_prime
-from src.tokenizer import RWKVTokenizer
+from src.data import DataError
+from src.data.binidx import BinIdx, write_binidx
+from src.data.dataset import find_magic_prime
+from src.data.tokenizer import RWKVTokenizer
 from tests.data_helpers import REPO_ROOT, corpus_texts, write_shard
 
 DOCS = [[5, 6, 7, 0], [65535, 0], [1, 2, 3, 4, 5, 0]]
 
 
 def write_by_hand(prefix, docs, dtype_code, dtype):
-    """The section-7 layout, written independently of src/binidx.py."""
+    """The section-7 layout, written independently of src/data/binidx.py."""
     sizes = [len(d) for d in docs]
     pointers = np.cumsum([0] + sizes[:-1]) * np.dtype(dtype).itemsize
     with open(prefix + ".idx", "wb") as f:

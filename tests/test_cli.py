@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from src.binidx import write_binidx
+from src.data.binidx import write_binidx
 from src.config import TrainConfig
-from src.dataset import recipe_flags
+from src.data.dataset import recipe_flags
 from train import shown_default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,8 +3,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from src.binidx import DataError, write_binidx
-from src.dataset import (MINI_EPOCH_SAMPLES, BinidxDataset, check_magic_prime, find_magic_prime, is_prime,
+from src.data import DataError
+from src.data.binidx import write_binidx
+from src.data.dataset import (MINI_EPOCH_SAMPLES, BinidxDataset, check_magic_prime, find_magic_prime, is_prime,
                          recipe_flags, sample_start)
 
 MINIPILE_TOKENS, MINIPILE_PRIME = 1_498_226_207, 2_926_181

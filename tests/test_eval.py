@@ -1,4 +1,4 @@
-"""src/evaluate.py and tools/eval.py: validation loss against a direct computation, the LAMBADA
+"""src/train/evaluate.py and tools/eval.py: validation loss against a direct computation, the LAMBADA
 protocol on hand-made cases, and the CLI's JSON line."""
 import json
 import math
@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.binidx import write_binidx
+from src.data.binidx import write_binidx
 from src.config import ModelConfig
-from src.evaluate import lambada, lambada_examples, load_token_stream, logit_rows, val_loss
+from src.train.evaluate import lambada, lambada_examples, load_token_stream, logit_rows, val_loss
 from src.model import RWKV
-from src.tokenizer import RWKVTokenizer
+from src.data.tokenizer import RWKVTokenizer
 from tests.data_helpers import write_shard
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

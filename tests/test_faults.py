@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import train
-from src.binidx import write_binidx
-from src.checkpoint import CheckpointError, load_newest, save_atomic
-from src.dataset import JsonlStreamDataset, find_magic_prime
+from src.data.binidx import write_binidx
+from src.train.checkpoint import CheckpointError, load_newest, save_atomic
+from src.data.dataset import JsonlStreamDataset, find_magic_prime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(ROOT, "..", "shared", "data", "corpus", "val.jsonl.zst")
@@ -102,7 +102,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_old_one(tmp_path):
     save_atomic({"w": torch.ones(4)}, str(path))
     (tmp_path / "rwkv-init.pth").write_bytes((tmp_path / "rwkv-3.pth").read_bytes())
     child = subprocess.Popen([sys.executable, "-c",
-                              "import sys, torch; sys.path.insert(0, sys.argv[1]); from src.checkpoint import save_atomic; "
+                              "import sys, torch; sys.path.insert(0, sys.argv[1]); from src.train.checkpoint import save_atomic; "
                               "save_atomic({'w': torch.randn(60_000_000)}, sys.argv[2])", ROOT, str(path)])
     deadline = time.time() + 60
     while not any(".tmp" in n and os.path.getsize(tmp_path / n) > 1_000_000 for n in os.listdir(tmp_path)):
@@ -215,7 +215,7 @@ def test_checkpoint_of_another_shape(binidx_data, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "fit", lambda cfg, model, *a, **k: built.append(model))
     train.main(binidx_argv(tmp_path / "run", binidx_data, "--train_stage", "0", "--load_partial", "1",
                            "--load_model", tmp_path / "partial.pth"))
-    state = built[0].state_dict()
+    state = built[0].model.state_dict()
     assert torch.equal(state["blocks.0.att.key.weight"], partial["blocks.0.att.key.weight"])
     assert torch.all(state["blocks.0.att.r_k"] == 0)   # taken from the init
 

@@ -7,7 +7,7 @@ import torch
 
 from src.config import ModelConfig
 from src.model import RWKV
-from src.tokenizer import RWKVTokenizer
+from src.data.tokenizer import RWKVTokenizer
 from tools.generate import generate, load_model, sample_token, utf8_stream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

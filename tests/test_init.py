@@ -1,6 +1,6 @@
 """The init that `train.py --train_stage 1` writes, measured tensor by tensor against docs/RECIPE.md section 3.
 
-The rules below are transcribed from the recipe's words, not from src/model.py: each state-dict key matches exactly
+The rules below are transcribed from the recipe's words, not from src/model/rwkv7.py: each state-dict key matches exactly
 one row, and each row is checked by measurement (singular values of matrices, exact constants of vectors, the bound
 and spread of uniform tensors), so a misread rule or a new parameter without a rule fails here."""
 import math

@@ -3,7 +3,7 @@ import struct
 
 import pytest
 
-from src.dataset import MINI_EPOCH_SAMPLES
+from src.data.dataset import MINI_EPOCH_SAMPLES
 from tools import plot
 
 RUN_A = """NEW RUN 2025-01-01-10-00-00

@@ -7,10 +7,10 @@ import torch
 import zstandard
 from torch.utils.data import DataLoader
 
-import src.dataset
-from src.binidx import DataError
-from src.dataset import JsonlStreamDataset, find_shards
-from src.tokenizer import RWKVTokenizer
+import src.data.dataset
+from src.data import DataError
+from src.data.dataset import JsonlStreamDataset, find_shards
+from src.data.tokenizer import RWKVTokenizer
 from tests.data_helpers import (CORPUS, documents, passes_cover_every_document_once, write_numbered_shards,
                                 served_by_readers, windows, write_shard)
 
@@ -84,8 +84,8 @@ def test_resume_reads_only_from_the_saved_position(tmp_path, shards, monkeypatch
     for epoch in range(3):
         serve(dataset, epoch, num_workers=0)
     opened = []
-    read_lines = src.dataset.iter_shard_lines
-    monkeypatch.setattr(src.dataset, "iter_shard_lines", lambda path, problems: opened.append(path) or read_lines(path, problems))
+    read_lines = src.data.dataset.iter_shard_lines
+    monkeypatch.setattr(src.data.dataset, "iter_shard_lines", lambda path, problems: opened.append(path) or read_lines(path, problems))
     dataset.real_epoch = 3
     list(dataset.samples(0, 1))
     resumed = len(opened)

@@ -7,7 +7,7 @@ import pytest
 import rwkv
 from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
-from src.tokenizer import DEFAULT_VOCAB, RWKVTokenizer
+from src.data.tokenizer import DEFAULT_VOCAB, RWKVTokenizer
 from tests.data_helpers import corpus_texts
 
 VOCAB_SHA256 = "e6dee3d4e31b4d5c40ac99508ac6c701ceef4bed681bf2167ce9a908552bca89"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from src.config import TrainConfig
-from src.evaluate import load_token_stream, val_loss
-from src.trainer import lr_schedule, saves_checkpoint
+from src.train.evaluate import load_token_stream, val_loss
+from src.train.callbacks import lr_schedule, saves_checkpoint
 from tools.generate import load_model
 from tests.conftest import CTX, VOCAB
 from tests.test_init import check_state_dict

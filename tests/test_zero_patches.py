@@ -78,7 +78,7 @@ def test_patches_are_installed_on_one_optimizer_only():
 
 @pytest.mark.parametrize("decoupled", [True, False])
 def test_adam_update_is_adam(decoupled):
-    """src/adam_step.py's arithmetic (DeepSpeed FusedAdam's, the one-kernel step's reference) over 5 steps equals
+    """src/kernels/adam_step.py's arithmetic (DeepSpeed FusedAdam's, the one-kernel step's reference) over 5 steps equals
     torch's AdamW (decoupled weight decay) or Adam (L2), bias correction included."""
     from src.kernels.adam_step import adam_update, bias_corrections
     g = torch.Generator().manual_seed(0)

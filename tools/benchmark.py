@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402  (first: importing src sets its warning filters before Lightning is imported)
 from src.config import TrainConfig  # noqa: E402
 from src.model import RWKV  # noqa: E402
-from src.trainer import TrainCallback  # noqa: E402
+from src.train.callbacks import TrainCallback  # noqa: E402
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402

@@ -17,9 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from src.checkpoint import CheckpointError  # noqa: E402
-from src.evaluate import lambada, load_token_stream, val_loss  # noqa: E402
-from src.tokenizer import RWKVTokenizer  # noqa: E402
+from src.train.checkpoint import CheckpointError  # noqa: E402
+from src.train.evaluate import lambada, load_token_stream, val_loss  # noqa: E402
+from src.data.tokenizer import RWKVTokenizer  # noqa: E402
 from tools.generate import load_model  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -12,10 +12,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from src.checkpoint import CheckpointError, load_state_dict, model_shape, numbered_checkpoints  # noqa: E402
+from src.train.checkpoint import CheckpointError, load_state_dict, model_shape, numbered_checkpoints  # noqa: E402
 from src.config import ModelConfig  # noqa: E402
 from src.model import RWKV  # noqa: E402
-from src.tokenizer import RWKVTokenizer  # noqa: E402
+from src.data.tokenizer import RWKVTokenizer  # noqa: E402
 
 DEFAULT_PROJ_DIR = "out/L18-D1024-x070"   # the 0.36B Pile recipe
 

@@ -9,8 +9,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from src.binidx import BinIdx, DataError  # noqa: E402
-from src.dataset import recipe_flags  # noqa: E402
+from src.data import DataError  # noqa: E402
+from src.data.binidx import BinIdx  # noqa: E402
+from src.data.dataset import recipe_flags  # noqa: E402
 
 
 def main():

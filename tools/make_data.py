@@ -19,9 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from src.binidx import BinIdx, DataError, write_binidx  # noqa: E402
-from src.dataset import DataProblems, find_shards, iter_shard_blocks, recipe_flags  # noqa: E402
-from src.tokenizer import END_OF_DOC, RWKVTokenizer  # noqa: E402
+from src.data import DataError  # noqa: E402
+from src.data.binidx import BinIdx, write_binidx  # noqa: E402
+from src.data.dataset import DataProblems, find_shards, iter_shard_blocks, recipe_flags  # noqa: E402
+from src.data.tokenizer import END_OF_DOC, RWKVTokenizer  # noqa: E402
 
 INPUT_SUFFIXES = (".jsonl.zst", ".jsonl", ".txt")
 _tokenizer = None  # one per worker process

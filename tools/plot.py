@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-MINI_EPOCH_SAMPLES = 40320   # samples per mini-epoch (src/dataset.py; not imported: it pulls in torch)
+MINI_EPOCH_SAMPLES = 40320   # samples per mini-epoch (src/data/dataset.py; not imported: it pulls in torch)
 # docs/RECIPE.md section 9: the reference trainer's MiniPile run (L12-D768, ctx 512), mini-epochs 0..11
 REFERENCE_CTX_LEN = 512
 REFERENCE_LOSSES = [4.875856, 4.028621, 3.801625, 3.663070, 3.578974, 3.510906, 3.462345, 3.412196, 3.376724,

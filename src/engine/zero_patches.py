@@ -15,7 +15,7 @@ ranks, all-reducing it and copying every gradient back out of it (a copy per par
 average is the identity, so allreduce_and_copy_one_rank does nothing there.
 
 The optimizer step on one rank (bf16, FusedAdam, no offload): step_one_pass updates each parameter group with one
-kernel (src/adam_step.py) where DeepSpeed makes the flat fp32 gradient, clips it, runs FusedAdam and copies the
+kernel (src/kernels/adam_step.py) where DeepSpeed makes the flat fp32 gradient, clips it, runs FusedAdam and copies the
 weights to bf16 in five passes over memory. The optimizer state is FusedAdam's own (exp_avg, exp_avg_sq, step of
 the flat fp32 partition), so checkpoints and DeepSpeed's other code see no difference.
 """

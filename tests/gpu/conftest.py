@@ -12,8 +12,8 @@ SHARDS = CARRIED if os.path.isdir(CARRIED) else os.path.join(ROOT, "..", "shared
 @pytest.fixture(scope="session")
 def corpus_binidx(tmp_path_factory):
     """Real English text as binidx (rwkv_vocab_v20230424), about 17 M tokens; returns (prefix, magic_prime at ctx 512)."""
-    from src.binidx import BinIdx
-    from src.dataset import find_magic_prime
+    from src.data.binidx import BinIdx
+    from src.data.dataset import find_magic_prime
     prefix = str(tmp_path_factory.mktemp("corpus") / "corpus")
     shards = [os.path.join(SHARDS, f"train-0{i}.jsonl.zst") for i in range(4)]
     run("tools/make_data.py", *shards, "--output", prefix, "--ctx_len", "512")

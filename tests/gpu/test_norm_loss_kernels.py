@@ -1,10 +1,12 @@
-"""One GPU: the Triton LayerNorm (src/layer_norm.py) and cross-entropy (src/head_loss.py) against their references."""
+"""One GPU: the Triton LayerNorm (src/kernels/layer_norm.py) and cross-entropy (src/kernels/head_loss.py) against
+their references."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from src.head_loss import L2WRAP_FACTOR, cross_entropy_grad, cross_entropy_grad_triton
-from src.layer_norm import layer_norm_triton
+from src.kernels.head_loss import cross_entropy_grad, cross_entropy_grad_triton
+from src.kernels.layer_norm import layer_norm_triton
+from src.model.rwkv7 import L2WRAP_FACTOR
 from tools.bench_kernel import rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -1,5 +1,6 @@
-"""GPU tests of the WKV7 CUDA kernels (both the chunked fast path and the sequential baseline)
-against the float64 PyTorch oracle on the same bf16 inputs. Skipped without CUDA.
+"""GPU tests of the WKV7 CUDA kernels of src/kernels/wkv7.py (both the chunked fast path and the sequential
+baseline) against the float64 PyTorch oracle (src/model/rwkv7.py's wkv7_recurrence, the plain loop) on the same bf16
+inputs. Skipped without CUDA.
 
 Run on a GPU machine: python -m pytest -q tests/gpu/test_wkv7_cuda.py"""
 import os
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from src.wkv7 import KERNELS, wkv7, wkv7_backward, wkv7_cuda, wkv7_forward, wkv7_kernel, wkv7_torch  # noqa: E402
+from src.kernels.wkv7 import KERNELS, wkv7_backward, wkv7_cuda, wkv7_forward, wkv7_kernel  # noqa: E402
+from src.model.rwkv7 import wkv7_recurrence  # noqa: E402
 from tools.bench_kernel import make_inputs, rel_err  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -25,7 +27,7 @@ def poison_allocator():
 
 def oracle(xs, dy):
     xs64 = [x.detach().double().requires_grad_() for x in xs]
-    y, _ = wkv7_torch(*xs64)
+    y, _ = wkv7_recurrence(*xs64)
     return [y] + list(torch.autograd.grad(y, xs64, dy.double()))
 
 
@@ -77,21 +79,21 @@ def test_head_size_32(kernel):
 
 
 def test_wkv7_dispatch_autograd_and_dtypes():
-    """The model's entry point: bf16 CUDA in -> kernel; gradients through the custom op's registered autograd;
-    fp32 CUDA inputs are computed in bf16 and returned as fp32; non-contiguous inputs work."""
+    """The fast path's stand-in for TimeMix.wkv (wkv7_cuda): bf16 CUDA in -> kernel; gradients through the custom op's
+    registered autograd; fp32 CUDA inputs are computed in bf16 and returned as fp32; non-contiguous inputs work."""
     xs, dy = make_inputs(2, 40, 3, 64, seed=11)
     ref = oracle(xs, dy)
     leaves = [x.detach().clone().requires_grad_() for x in xs]
-    y = wkv7(*leaves)
+    y = wkv7_cuda(*leaves)
     assert y.dtype == torch.bfloat16 and y.shape == xs[0].shape
     y.backward(dy)
     for name, a, b in zip(NAMES, [y] + [x.grad for x in leaves], ref):
         assert rel_err(a, b) < TOL, name
-    y32 = wkv7(*[x.float() for x in xs])
+    y32 = wkv7_cuda(*[x.float() for x in xs])
     assert y32.dtype == torch.float32 and rel_err(y32, ref[0]) < TOL
     nc = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in xs]  # same values, other strides
     assert not nc[0].is_contiguous()
-    assert torch.equal(wkv7(*nc), y.detach())
+    assert torch.equal(wkv7_cuda(*nc), y.detach())
 
 
 def test_kernels_agree_and_are_deterministic():
@@ -139,24 +141,44 @@ def test_custom_ops_pass_opcheck(kernel):
                                           kernel == "chunked"))
 
 
+@pytest.mark.parametrize("fused, kernel", [(True, "chunked"), (False, "sequential")])
+def test_fast_path_runs_the_kernel_for_the_models_wkv(fused, kernel):
+    """apply_fast_path on CUDA stands a kernel in for the model's TimeMix.wkv: the chunked one on the fused path, the
+    sequential one (the reference's design) with --fused 0; CPU tensors still run the plain loop."""
+    from src.config import ModelConfig, PerfConfig
+    from src.engine.fast_path import apply_fast_path
+    from src.model import RWKV
+    from src.model.rwkv7 import TimeMix
+    model = RWKV(ModelConfig(n_layer=1, n_embd=128, vocab_size=100)).cuda()
+    apply_fast_path(model, PerfConfig(fused=fused, cuda_graph=False), torch.device("cuda"))
+    wkv = model.blocks[0].att.wkv
+    xs, _ = make_inputs(2, 32, 2, 64, seed=9)
+    assert torch.equal(wkv(*xs), wkv7_cuda(*xs, kernel=kernel))
+    cpu = [x.cpu().float() for x in xs]
+    assert torch.equal(wkv(*cpu), TimeMix.wkv(*cpu))
+
+
 def test_compiled_block_matches_eager_block():
     """Blocks compiled whole by inductor (the fused training path) against the same blocks run eagerly with the
     compiled chains (--compile_blocks 0): the same loss and gradients up to bf16 rounding."""
-    from src.config import ModelConfig
-    from src.model import RWKV, CompiledBlock
+    from src.config import ModelConfig, PerfConfig
+    from src.engine.fast_path import TrainingBlock, apply_fast_path
+    from src.model import RWKV
 
     def loss_and_grads(compile_blocks):
         torch.manual_seed(0)
-        model = RWKV(ModelConfig(n_layer=3, n_embd=256, vocab_size=1000, grad_cp=1, compile_blocks=compile_blocks))
+        model = RWKV(ModelConfig(n_layer=3, n_embd=256, vocab_size=1000))
         model.init_weights()
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * (0.1 if p.dim() < 2 else 0.02))
         model = model.cuda().bfloat16().train()
+        apply_fast_path(model, PerfConfig(grad_cp=1, compile_blocks=compile_blocks), torch.device("cuda"))
         idx = torch.randint(0, 1000, (4, 128), generator=torch.Generator().manual_seed(1)).cuda()
-        loss = model.training_step((idx, idx.roll(-1, 1)), 0)
+        loss = model.loss(idx, idx.roll(-1, 1))
         loss.backward()
-        assert isinstance(model._block_runner(idx), CompiledBlock) == compile_blocks
+        runner = model.blocks[0].forward
+        assert isinstance(runner, TrainingBlock) and (runner.compiled_block is not None) == compile_blocks
         return loss.float(), torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
 
     (compiled_loss, compiled_grads), (eager_loss, eager_grads) = loss_and_grads(True), loss_and_grads(False)

@@ -1,7 +1,8 @@
-"""One GPU, plain ZeRO-2 (train.py's setting there), src/zero_patches.py: DeepSpeed's average of each gradient bucket
-over the one rank is left out (the same weights bit for bit, no bucket flattened; on CPU DeepSpeed's fallback
-reduction skips CPU tensors altogether, so only a GPU shows it), and the FusedAdam step runs as one kernel per
-parameter group (src/adam_step.py) with DeepSpeed's numbers."""
+"""One GPU, plain ZeRO-2 (train.py's setting there), src/engine/zero_patches.py installed on the engine's optimizer
+(--zero_patches 1): DeepSpeed's average of each gradient bucket over the one rank is left out (the same weights bit
+for bit, no bucket flattened; on CPU DeepSpeed's fallback reduction skips CPU tensors altogether, so only a GPU shows
+it), and the FusedAdam step runs as one kernel per parameter group (src/kernels/adam_step.py) with the numbers of
+DeepSpeed's own code (--zero_patches 0)."""
 import json
 import os
 import sys
@@ -44,7 +45,7 @@ def test_one_kernel_step_equals_deepspeeds(trained):
 def test_kernel_equals_reference(decoupled, sizes, view_at, align):
     """The kernel against adam_update on gradients of awkward sizes (one element, a block and one, a view into
     another tensor), and of sizes that let it read 8 elements at once, with the view aligned and not."""
-    from src.adam_step import BlockTable, adam_step, adam_update, bias_corrections
+    from src.kernels.adam_step import BlockTable, adam_step, adam_update, bias_corrections
     g = torch.Generator(device="cuda").manual_seed(0)
     base = torch.randn(5000, device="cuda", generator=g).bfloat16()
     grads = [torch.randn(n, device="cuda", generator=g).bfloat16() for n in sizes]
@@ -68,48 +69,65 @@ def test_kernel_equals_reference(decoupled, sizes, view_at, align):
 
 def main():
     import deepspeed
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from src import zero_patches
-    from tests.test_zero_buckets import train_steps, zero_optimization
+    from tests.test_zero_buckets import zero_optimization
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29400 + os.getpid() % 500), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
     deepspeed.init_distributed(dist_backend="nccl")
-    flattened = []   # the buckets DeepSpeed flattens to average them
-    allreduce_bucket = DeepSpeedZeroOptimizer.allreduce_bucket
-    DeepSpeedZeroOptimizer.allreduce_bucket = lambda self, bucket, **kw: flattened.append(1) or \
-        allreduce_bucket(self, bucket, **kw)
-    zero = zero_optimization("deepspeed_stage_2", 1)   # train.py's; building its trainer installs the patches
+    zero = zero_optimization("deepspeed_stage_2", 1)   # train.py's
     assert not zero["contiguous_gradients"]
-    assert DeepSpeedZeroOptimizer.allreduce_and_copy is zero_patches.allreduce_and_copy_one_rank
-    assert DeepSpeedZeroOptimizer.step is zero_patches.step_one_pass
 
-    # torch's Adam: DeepSpeed's step runs in both runs, only the average differs
-    DeepSpeedZeroOptimizer.allreduce_and_copy = zero_patches._deepspeed_allreduce_and_copy
-    theirs, init = train_steps(zero, device="cuda")
-    flattened_theirs = len(flattened)
-    DeepSpeedZeroOptimizer.allreduce_and_copy = zero_patches.allreduce_and_copy_one_rank
-    ours, _ = train_steps(zero, device="cuda")
+    # torch's Adam: DeepSpeed's step runs in both runs (the one-kernel step covers FusedAdam only), and both take the
+    # patched gradient norm: only the average differs
+    theirs, init, flattened_theirs = average_run(zero, deepspeed_average=True)
+    ours, _, flattened_ours = average_run(zero, deepspeed_average=False)
     average_left_out = {"max_difference": max((p - q).abs().max().item() for p, q in zip(ours, theirs)),
                         "max_change_from_init": max((p - q).abs().max().item() for p, q in zip(ours, init)),
-                        "flattened": {"deepspeed": flattened_theirs, "patched": len(flattened) - flattened_theirs}}
+                        "flattened": {"deepspeed": flattened_theirs, "patched": flattened_ours}}
     print(json.dumps({"average_left_out": average_left_out, **step_differences(zero)}), flush=True)
 
 
-def step_differences(zero, steps=6):
-    """Two engines from one init on the same batches, one stepping with DeepSpeed's step, the other with the
-    one-kernel step after taking the first's weights and optimizer state: for each step, the largest difference of
-    their fp32 weights and moments (relative to the largest value) and how many bf16 weights differ, and by how
-    much at most."""
-    import types
-
+def average_run(zero, deepspeed_average, steps=6):
+    """Weights (fp32 copies on the host) after `steps` steps of an engine with src/engine/zero_patches.py installed as
+    train.py installs it, with DeepSpeed's own average of each gradient bucket put back if deepspeed_average; the
+    initial weights; and how many buckets DeepSpeed flattened to average them."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from src import adam_step, zero_patches
+    from src.engine import zero_patches
     from tests.test_zero_buckets import batches, build_engine
-    (theirs, cfg, init), (ours, _, _) = (build_engine(zero, "cuda", "fused") for _ in range(2))
-    theirs.optimizer.step = types.MethodType(zero_patches._deepspeed_step, theirs.optimizer)
-    assert DeepSpeedZeroOptimizer.step is zero_patches.step_one_pass
+    engine, cfg, init = build_engine(zero, "cuda")
+    optimizer = engine.optimizer
+    assert optimizer.allreduce_and_copy.__func__ is zero_patches.allreduce_and_copy_one_rank
+    assert optimizer.step.__func__ is zero_patches.step_one_pass
+    assert DeepSpeedZeroOptimizer.allreduce_and_copy is not zero_patches.allreduce_and_copy_one_rank   # per instance
+    if deepspeed_average:
+        del optimizer.allreduce_and_copy   # the class's method again: DeepSpeed's own
+    flattened = []
+
+    def allreduce_bucket(bucket, **kwargs):
+        flattened.append(1)
+        return DeepSpeedZeroOptimizer.allreduce_bucket(optimizer, bucket, **kwargs)
+    optimizer.allreduce_bucket = allreduce_bucket
+    for batch in batches(cfg, 0, steps, "cuda"):
+        engine.backward(engine.module.training_step(batch, 0))
+        engine.step()
+    return [p.detach().float().cpu() for p in engine.module.parameters()], init, len(flattened)
+
+
+def step_differences(zero, steps=6):
+    """Two engines from one init on the same batches, one with DeepSpeed's own code (--zero_patches 0), the other with
+    src/engine/zero_patches.py's (its one-kernel step) after taking the first's weights and optimizer state: for each
+    step, the largest difference of their fp32 weights and moments (relative to the largest value) and how many bf16
+    weights differ, and by how much at most."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from src.engine import zero_patches
+    from src.kernels import adam_step
+    from tests.test_zero_buckets import batches, build_engine
+    theirs, cfg, init = build_engine(zero, "cuda", "fused", zero_patches=False)
+    ours, _, _ = build_engine(zero, "cuda", "fused")
+    assert theirs.optimizer.step.__func__ is DeepSpeedZeroOptimizer.step
+    assert ours.optimizer.step.__func__ is zero_patches.step_one_pass
     kernel_groups = []
     kernel_step = adam_step.adam_step
     adam_step.adam_step = lambda *a, **kw: kernel_groups.append(1) or kernel_step(*a, **kw)

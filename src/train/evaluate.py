@@ -15,9 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from src.binidx import BinIdx, DataError
-from src.dataset import DataProblems, find_shards, iter_shard_lines
-from src.tokenizer import END_OF_DOC, RWKVTokenizer
+from src.data import DataError
+from src.data.binidx import BinIdx
+from src.data.dataset import DataProblems, find_shards, iter_shard_lines
+from src.data.tokenizer import END_OF_DOC, RWKVTokenizer
 from src.kernels.wkv7 import CHUNK_LEN
 
 IGNORE = -100  # target of a padded position

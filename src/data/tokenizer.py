@@ -10,7 +10,7 @@ import ast
 import os
 import re
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_VOCAB = os.path.join(REPO_ROOT, "rwkv_vocab_v20230424.txt")
 VOCAB_FIX = "pass the path of rwkv_vocab_v20230424.txt (it is committed at the top of the repository)"
 END_OF_DOC = 0  # id 0 is not in the vocab file; it ends every document

@@ -10,16 +10,14 @@ import struct
 
 import numpy as np
 
+from src.data import DataError
+
 _MAGIC = b"MMIDIDX\x00\x00"
 _VERSION = 1
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, n, m
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
 _SCAN_TOKENS = 1 << 24  # tokens per slice when scanning the whole .bin (bounded memory)
 REBUILD_HINT = "rebuild it with tools/make_data.py"
-
-
-class DataError(ValueError):
-    """Bad training data or data flags; the message names the file or value and the fix."""
 
 
 class BinIdx:

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 
-from src.checkpoint import numbered_checkpoints, save_atomic
+from src.train.checkpoint import numbered_checkpoints, save_atomic
 from src.config import TrainConfig
 
 
@@ -184,7 +184,7 @@ class TrainCallback(pl.Callback):
 
     def validate(self, trainer, pl_module):
         """Validation loss on --val_data: each rank scores its share of the windows, then the shares add up."""
-        from src.evaluate import val_loss
+        from src.train.evaluate import val_loss
         part = val_loss(pl_module.model, self.val_tokens, self.cfg.ctx_len, batch_size=self.cfg.micro_bsz,
                         rank=trainer.global_rank, world_size=trainer.world_size)
         sums = torch.tensor([part["loss_sum"], part["tokens"]], dtype=torch.float64, device=pl_module.device)
