@@ -8,7 +8,6 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-CORPUS = os.path.join(ROOT, "..", "shared", "data", "corpus", "train-00.jsonl.zst")
 CTX, VOCAB = 16, 256
 
 
@@ -35,17 +34,11 @@ def run_steps(tmp_path, name, steps, flags, batches_out=None, timeout=1200):
 
 @pytest.fixture(scope="session")
 def byte_data(tmp_path_factory):
-    """Real English text as byte tokens (vocab 256): about two mini-epochs of ctx 16."""
-    import io
-    import json
-    import zstandard
-    data = bytearray()
-    with open(CORPUS, "rb") as f:
-        for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8"):
-            data += json.loads(line)["text"].encode("utf-8")[:200_000] + b"\0"
-            if len(data) >= 1_350_000:
-                break
-    tokens = np.frombuffer(bytes(data[:1_350_000]), dtype=np.uint8).astype(np.uint16)
+    """Real English text as byte tokens (vocab 256): the Gutenberg fixture, each book ended by 0. At ctx 16 it holds
+    about half a mini-epoch's samples, so each mini-epoch visits every window about twice."""
+    from tests.data_helpers import gutenberg_texts
+    data = b"".join(text.encode("utf-8") + b"\0" for text in gutenberg_texts())
+    tokens = np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
     prefix = str(tmp_path_factory.mktemp("bytes") / "bytes")
     from src.data.binidx import write_binidx
     from src.data.dataset import find_magic_prime

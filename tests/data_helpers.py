@@ -1,4 +1,4 @@
-"""Helpers for the data tests: the shared corpus and small Pile-format shards."""
+"""Helpers for the data tests: the committed text fixtures (tests/fixtures/README.md) and small Pile-format shards."""
 
 import itertools
 import json
@@ -11,18 +11,14 @@ import zstandard
 from src.data.dataset import DataProblems, iter_shard_lines
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORPUS = os.path.join(REPO_ROOT, "..", "shared", "data", "corpus")
+FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures")
+GUTENBERG = os.path.join(FIXTURES, "gutenberg.jsonl.zst")   # 13 book openings, 314 k characters
+LAMBADA = os.path.join(FIXTURES, "lambada_test_100.jsonl")
 
 
-def corpus_texts(shard, max_chars):
-    """Texts of the first documents of a shared-corpus shard, cut to max_chars in all."""
-    texts, total = [], 0
-    for line in iter_shard_lines(os.path.join(CORPUS, shard), DataProblems()):
-        texts.append(json.loads(line)["text"][:max_chars - total])
-        total += len(texts[-1])
-        if total >= max_chars:
-            break
-    return texts
+def gutenberg_texts():
+    """The texts of the Gutenberg fixture's documents, in order."""
+    return [json.loads(line)["text"] for line in iter_shard_lines(GUTENBERG, DataProblems())]
 
 
 def write_shard(path, lines):

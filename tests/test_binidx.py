@@ -11,7 +11,7 @@ from src.data import DataError
 from src.data.binidx import BinIdx, write_binidx
 from src.data.dataset import find_magic_prime
 from src.data.tokenizer import RWKVTokenizer
-from tests.data_helpers import REPO_ROOT, corpus_texts, write_shard
+from tests.data_helpers import REPO_ROOT, gutenberg_texts, write_shard
 
 DOCS = [[5, 6, 7, 0], [65535, 0], [1, 2, 3, 4, 5, 0]]
 
@@ -133,7 +133,7 @@ def documents_of(prefix):
 
 
 def test_make_data(tmp_path):
-    texts = corpus_texts("val.jsonl.zst", 60_000)[:3] + ["second shard", "", "üñí 😀"]
+    texts = gutenberg_texts()[:2] + ["second shard", "", "üñí 😀"]
     write_shard(str(tmp_path / "a.jsonl.zst"), [{"text": t, "meta": {}} for t in texts[:3]])
     write_shard(str(tmp_path / "b.jsonl"), [{"text": t} for t in texts[3:]] + ["not json", {"meta": 1}])
     (tmp_path / "c.txt").write_text("a whole .txt file\nis one document\n")

@@ -17,10 +17,8 @@ from src.config import ModelConfig
 from src.train.evaluate import lambada, lambada_examples, load_token_stream, logit_rows, val_loss
 from src.model import RWKV
 from src.data.tokenizer import RWKVTokenizer
-from tests.data_helpers import write_shard
+from tests.data_helpers import LAMBADA, REPO_ROOT, write_shard
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAMBADA = os.path.join(REPO_ROOT, "..", "shared", "data", "lambada_test.jsonl")
 CTX_LEN = 16
 
 

@@ -18,9 +18,9 @@ import train
 from src.data.binidx import write_binidx
 from src.train.checkpoint import CheckpointError, load_newest, save_atomic
 from src.data.dataset import JsonlStreamDataset, find_magic_prime
+from tests.data_helpers import gutenberg_texts, write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORPUS = os.path.join(ROOT, "..", "shared", "data", "corpus", "val.jsonl.zst")
 
 TINY = ["--n_layer", "1", "--n_embd", "32", "--head_size", "32", "--accelerator", "cpu", "--devices", "1",
         "--strategy", "auto", "--precision", "32", "--enable_progress_bar", "False", "--random_seed", "0",
@@ -30,17 +30,10 @@ STREAM = dict(ctx_len=16, micro_bsz=2, epoch_steps=4)
 
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
-    """A small Pile-format shard of real text: 60 documents of at most 3000 characters."""
-    import io
-    import zstandard
+    """A small Pile-format shard of real text: 60 documents of 3000 characters cut from the Gutenberg fixture."""
+    text = "".join(gutenberg_texts())
     folder = tmp_path_factory.mktemp("shards")
-    with open(CORPUS, "rb") as f, open(folder / "00.jsonl", "w") as out:
-        for i, line in enumerate(io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8")):
-            text = json.loads(line)["text"]
-            for j in range(5):
-                out.write(json.dumps({"text": text[j * 3000:(j + 1) * 3000]}) + "\n")
-            if i == 11:
-                break
+    write_shard(str(folder / "00.jsonl"), [{"text": text[i * 3000:(i + 1) * 3000]} for i in range(60)])
     return str(folder)
 
 

@@ -1,17 +1,19 @@
 """Several processes on one host (DDP over gloo on CPU): the same path DeepSpeed takes on several GPUs."""
 import pytest
 
+from src.data.dataset import MINI_EPOCH_SAMPLES
 from tests.conftest import CTX, VOCAB, run_steps
 from tests.data_helpers import check_two_ranks_stream
 
 
 def losses(tmp_path, name, data, devices, micro_bsz, steps=4):
     prefix, magic_prime = data
+    # byte_data holds less than a mini-epoch, so the LR schedule's horizon is given: one mini-epoch
     return run_steps(tmp_path, name, steps, [
         "--proj_dir", tmp_path / name, "--data_file", prefix, "--data_type", "binidx", "--vocab_size", VOCAB,
-        "--ctx_len", CTX, "--magic_prime", magic_prime, "--micro_bsz", micro_bsz, "--n_layer", 1, "--n_embd", 32,
-        "--head_size", 8, "--lr_init", "1e-2", "--lr_final", "1e-3", "--warmup_steps", 0, "--accelerator", "cpu",
-        "--devices", devices, "--precision", 32, "--strategy", "ddp" if devices > 1 else "auto",
+        "--ctx_len", CTX, "--magic_prime", magic_prime, "--my_exit_tokens", MINI_EPOCH_SAMPLES * CTX,
+        "--micro_bsz", micro_bsz, "--n_layer", 1, "--n_embd", 32, "--head_size", 8, "--lr_init", "1e-2",
+        "--lr_final", "1e-3", "--warmup_steps", 0, "--accelerator", "cpu", "--devices", devices, "--precision", 32, "--strategy", "ddp" if devices > 1 else "auto",
         "--enable_progress_bar", "False", "--random_seed", 0, "--train_stage", 0], timeout=600)
 
 
