@@ -4,9 +4,8 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import fields
 
-from src.config import FLAG_GROUPS, ConfigError, TrainConfig
+from src.config import FLAG_GROUPS, Config, ConfigError, build_config, check_flags, check_schedule, flag_fields
 
 
 def parse_bool(text):
@@ -23,10 +22,10 @@ def shown_default(value):
 
 
 def build_parser():
-    """One flag per TrainConfig field, with its name, default, group and help (src/config.py)."""
+    """One flag per flag field of src/config.py's objects, with its name, default, group and help."""
     parser = argparse.ArgumentParser(description=__doc__)
     groups = {name: parser.add_argument_group(name) for name in FLAG_GROUPS}
-    for f in fields(TrainConfig):
+    for f in flag_fields():
         help_text = f"{f.metadata['help']} (default: {shown_default(f.default)})".replace("%", "%%")
         groups[f.metadata["group"]].add_argument(
             f"--{f.name}", type=parse_bool if f.type in (bool, "bool") else type(f.default), default=f.default,
@@ -34,46 +33,47 @@ def build_parser():
     return parser
 
 
-def parse_args(argv=None) -> TrainConfig:
-    return TrainConfig(**vars(build_parser().parse_args(argv)))
+def parse_flags(argv=None) -> dict:
+    """train.py's flags, name -> value."""
+    return vars(build_parser().parse_args(argv))
 
 
-def resolve_precision(cfg: TrainConfig):
+def resolve_precision(precision):
     """Lightning's precision value for --precision, and whether matmuls may use tf32."""
     return {"fp32": (32, False), "32": (32, False), "tf32": (32, True), "fp16": (16, True), "16": (16, True),
-            "bf16": ("bf16", True)}[cfg.precision]
+            "bf16": ("bf16", True)}[precision]
 
 
-def build_dataset(cfg: TrainConfig):
-    """Check the data and build the dataset; fixes epoch_steps / epoch_count for binidx (docs/RECIPE.md section 7)."""
+def build_dataset(cfg: Config):
+    """Check the data and build the dataset (docs/RECIPE.md section 7)."""
+    from src.config import MINI_EPOCH_SAMPLES
+    from src.data.dataset import BinidxDataset, JsonlStreamDataset
     from src.train.checkpoint import STREAM_STATE_DIR
-    from src.data.dataset import BinidxDataset, JsonlStreamDataset, MINI_EPOCH_SAMPLES
-    if cfg.data_type == "binidx":
-        cfg.epoch_steps = MINI_EPOCH_SAMPLES // cfg.real_bsz
-        dataset = BinidxDataset(cfg.data_file, cfg.ctx_len, cfg.magic_prime, cfg.micro_bsz, cfg.world_size,
-                                cfg.vocab_size, cfg.epoch_steps)
-        cfg.epoch_count = cfg.magic_prime // MINI_EPOCH_SAMPLES
-        if cfg.epoch_count == 0 and cfg.my_exit_tokens <= 0:
-            raise ConfigError(f"{cfg.data_file}: {cfg.magic_prime} samples (--magic_prime) are less than one mini-epoch "
+    d, o = cfg.data, cfg.optim
+    if d.data_type == "binidx":
+        dataset = BinidxDataset(d.data_file, d.ctx_len, d.magic_prime, d.micro_bsz, cfg.run.world_size,
+                                cfg.model.vocab_size, d.epoch_steps)
+        if o.epoch_count == 0 and o.my_exit_tokens <= 0:
+            raise ConfigError(f"{d.data_file}: {d.magic_prime} samples (--magic_prime) are less than one mini-epoch "
                               f"of {MINI_EPOCH_SAMPLES}, so the LR schedule has no horizon; set --my_exit_tokens "
-                              f"(e.g. {cfg.magic_prime * cfg.ctx_len}, one pass over the data)")
+                              f"(e.g. {d.magic_prime * d.ctx_len}, one pass over the data)")
         return dataset
-    return JsonlStreamDataset(cfg.data_file, cfg.ctx_len, cfg.micro_bsz, cfg.epoch_steps, max(cfg.random_seed, 0),
-                              os.path.join(cfg.proj_dir, STREAM_STATE_DIR))
+    return JsonlStreamDataset(d.data_file, d.ctx_len, d.micro_bsz, d.epoch_steps, max(cfg.run.random_seed, 0),
+                              os.path.join(cfg.run.proj_dir, STREAM_STATE_DIR))
 
 
-def write_init(cfg: TrainConfig):
+def write_init(cfg: Config):
     """--train_stage 1: docs/RECIPE.md section 3's init, saved in the training precision as proj_dir/rwkv-init.pth."""
     import torch
-    from src.train.checkpoint import move_aside, save_atomic
     from src.model import RWKV
-    move_aside(cfg.proj_dir)
-    if cfg.random_seed >= 0:
-        torch.manual_seed(cfg.random_seed)
-    model = RWKV(cfg.model_config())
+    from src.train.checkpoint import move_aside, save_atomic
+    move_aside(cfg.run.proj_dir)
+    if cfg.run.random_seed >= 0:
+        torch.manual_seed(cfg.run.random_seed)
+    model = RWKV(cfg.model)
     model.init_weights()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "16": torch.float16}.get(cfg.precision, torch.float32)
-    path = os.path.join(cfg.proj_dir, "rwkv-init.pth")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "16": torch.float16}.get(cfg.run.precision, torch.float32)
+    path = os.path.join(cfg.run.proj_dir, "rwkv-init.pth")
     save_atomic({k: v.to(dtype) for k, v in model.state_dict().items()}, path)
     print(f"wrote {path} ({sum(p.numel() for p in model.parameters()):,} parameters, {dtype}); now run stage 2 or 3")
 
@@ -84,108 +84,112 @@ def is_other_rank():
     return int(os.environ.get("LOCAL_RANK", 0)) > 0 or int(os.environ.get("NODE_RANK", 0)) > 0
 
 
-def load_start_weights(cfg: TrainConfig):
-    """The weights this run starts from, setting epoch_begin and warmup_steps as the reference does."""
-    from src.train.checkpoint import load_newest, load_state_dict
-    if cfg.train_stage >= 2:   # resume: the newest readable rwkv-<n>.pth (rwkv-init.pth is n = -1)
-        n, path, state_dict = load_newest(cfg.proj_dir)
-        cfg.epoch_begin = n + 1
-        if n >= 0 and cfg.warmup_steps < 0:
-            cfg.warmup_steps = 10
-        print(f"resuming from {path}: mini-epoch {cfg.epoch_begin} is next")
-    elif cfg.load_model:
-        path, state_dict = cfg.load_model, load_state_dict(cfg.load_model)
-    else:   # a new run: rank 0 writes the init before it starts the other ranks, which read it
-        if not is_other_rank():
-            write_init(cfg)
-        path, state_dict = os.path.join(cfg.proj_dir, "rwkv-init.pth"), None
-    cfg.warmup_steps = max(cfg.warmup_steps, 0)
-    return path, state_dict
+def start_point(flags):
+    """(resumed_epoch, path, state_dict) of the weights this run starts from: for --train_stage 2 and up the newest
+    readable rwkv-<n>.pth (rwkv-init.pth is n = -1; path None when there is none yet, which prepare reports after
+    the data checks), else --load_model (resumed_epoch None), else the init that prepare writes (state_dict None)."""
+    from src.train.checkpoint import load_newest, load_state_dict, numbered_checkpoints
+    if flags["train_stage"] >= 2:
+        if not numbered_checkpoints(flags["proj_dir"]):
+            return None, None, None
+        n, path, state_dict = load_newest(flags["proj_dir"])
+        print(f"resuming from {path}: mini-epoch {n + 1} is next")
+        return n, path, state_dict
+    if flags["load_model"]:
+        return None, flags["load_model"], load_state_dict(flags["load_model"])
+    return None, os.path.join(flags["proj_dir"], "rwkv-init.pth"), None
 
 
-def build_trainer(cfg: TrainConfig, callbacks, max_steps=-1):
+def build_trainer(cfg: Config, callbacks, max_steps=-1):
     import pytorch_lightning as pl
     import torch
     from src.train.callbacks import ProgressBar, TrainCallback
     train_callbacks = [c for c in callbacks if isinstance(c, TrainCallback)]
-    if cfg.enable_progress_bar and train_callbacks:   # the bar shows its lr, loss and Kt/s
+    if cfg.run.enable_progress_bar and train_callbacks:   # the bar shows its lr, loss and Kt/s
         callbacks = callbacks + [ProgressBar(train_callbacks[0])]
-    precision, allow_tf32 = resolve_precision(cfg)
+    precision, allow_tf32 = resolve_precision(cfg.run.precision)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
-    strategy = cfg.strategy
-    if cfg.uses_deepspeed:
+    strategy = cfg.run.strategy
+    if cfg.run.uses_deepspeed:
         from pytorch_lightning.strategies import DeepSpeedStrategy
 
-        bucket = cfg.ds_bucket_mb * 1000 * 1000
+        bucket = cfg.perf.ds_bucket_mb * 1000 * 1000
         # ZeRO-2 (offload too) reduces the gradients on the compute stream after the backward (no overlap_comm):
         # DeepSpeed 0.16.8's side stream reduces a gradient larger than a bucket in place and frees it before that
         # reduction is done (NaN at step 3 with 20 M-element buckets on 2 GPUs). On one GPU plain ZeRO-2 also skips
         # the contiguous gradient buckets: there is nothing to communicate, and copying each gradient into a bucket
         # as it arrives is only host work in a launch-bound step (63-71 vs 52 thousand tokens/s). Several ranks
         # keep them: without, they train differently from DeepSpeed's default (tests/test_zero_buckets.py).
-        overlap_comm = "stage_2" not in cfg.strategy
-        contiguous_gradients = cfg.strategy != "deepspeed_stage_2" or cfg.world_size > 1
-        strategy = DeepSpeedStrategy(stage=3 if "stage_3" in cfg.strategy else 2,
-                                     offload_optimizer="offload" in cfg.strategy,
+        overlap_comm = "stage_2" not in cfg.run.strategy
+        contiguous_gradients = cfg.run.strategy != "deepspeed_stage_2" or cfg.run.world_size > 1
+        strategy = DeepSpeedStrategy(stage=3 if "stage_3" in cfg.run.strategy else 2,
+                                     offload_optimizer="offload" in cfg.run.strategy,
                                      allgather_bucket_size=bucket, reduce_bucket_size=bucket,
                                      overlap_comm=overlap_comm,
                                      contiguous_gradients=contiguous_gradients)
         # DeepSpeed's throughput timer (on by default) waits for the GPU at the start and at the end of every step,
         # so the host could not queue the next step while the GPU runs this one; Lightning's bar shows tokens/s
         strategy.config["timers"] = {"throughput": {"enabled": False}}
-        if cfg.perf_config().zero_patches:
+        if cfg.perf.zero_patches:
             from src.engine.zero_patches import ZeroPatches
             callbacks = callbacks + [ZeroPatches()]
-    return pl.Trainer(accelerator="gpu" if cfg.accelerator == "cuda" else cfg.accelerator, devices=cfg.devices,
-                      num_nodes=cfg.num_nodes, precision=precision, strategy=strategy, max_epochs=-1, max_steps=max_steps,
-                      gradient_clip_val=cfg.grad_clip, callbacks=callbacks, logger=False, enable_checkpointing=False,
+    return pl.Trainer(accelerator="gpu" if cfg.run.accelerator == "cuda" else cfg.run.accelerator, devices=cfg.run.devices,
+                      num_nodes=cfg.run.num_nodes, precision=precision, strategy=strategy, max_epochs=-1, max_steps=max_steps,
+                      gradient_clip_val=cfg.optim.grad_clip, callbacks=callbacks, logger=False, enable_checkpointing=False,
                       num_sanity_val_steps=0, replace_sampler_ddp=False, reload_dataloaders_every_n_epochs=1,
-                      enable_progress_bar=cfg.enable_progress_bar, enable_model_summary=False)
+                      enable_progress_bar=cfg.run.enable_progress_bar, enable_model_summary=False)
 
 
-def check_accelerator(cfg: TrainConfig):
+def check_accelerator(flags):
     """Refuse --accelerator gpu without GPUs (or fewer than --devices) here, not in a Lightning traceback."""
     import torch
-    if cfg.accelerator == "cpu":
+    if flags["accelerator"] == "cpu":
         return
     found = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if found == 0:
-        cpu_flags = "--accelerator cpu" + (" --strategy auto" if cfg.uses_deepspeed else "")
-        raise ConfigError(f"--accelerator {cfg.accelerator}: no GPU was found (torch.cuda.is_available() is False); "
-                          f"train on the CPU with {cpu_flags}, or install a CUDA build of torch")
-    if cfg.devices > found:
-        raise ConfigError(f"--devices {cfg.devices}: only {found} GPUs were found; use --devices {found}")
+        cpu_flags = "--accelerator cpu" + (" --strategy auto" if flags["strategy"].startswith("deepspeed") else "")
+        raise ConfigError(f"--accelerator {flags['accelerator']}: no GPU was found (torch.cuda.is_available() is "
+                          f"False); train on the CPU with {cpu_flags}, or install a CUDA build of torch")
+    if flags["devices"] > found:
+        raise ConfigError(f"--devices {flags['devices']}: only {found} GPUs were found; use --devices {found}")
 
 
-def prepare(cfg: TrainConfig):
-    """Every check that needs no model: flags, data, the start checkpoint's readability and shapes."""
+def prepare(flags):
+    """The run's configuration and every check that needs no model: flags, data, the schedule, the start
+    checkpoint's readability and shapes; a new run's init is written here, after the data checks."""
     import torch
-    from src.train.checkpoint import check_compatible
     from src.model import RWKV
-    cfg.validate()
-    check_accelerator(cfg)
-    os.makedirs(cfg.proj_dir, exist_ok=True)
+    from src.train.checkpoint import check_compatible, nothing_to_resume
+    check_flags(flags)
+    check_accelerator(flags)
+    resumed_epoch, start_path, state_dict = start_point(flags)
+    cfg = build_config(flags, resumed_epoch)
+    os.makedirs(cfg.run.proj_dir, exist_ok=True)
     dataset = build_dataset(cfg)
     val_tokens = None
-    if cfg.val_data:
+    if cfg.data.val_data:
         from src.train.evaluate import load_token_stream
-        val_tokens = load_token_stream(cfg.val_data, max_tokens=cfg.val_tokens)
-    start_path, state_dict = load_start_weights(cfg)
+        val_tokens = load_token_stream(cfg.data.val_data, max_tokens=cfg.data.val_tokens)
+    if start_path is None:
+        raise nothing_to_resume(cfg.run.proj_dir)
+    check_schedule(cfg)
+    if state_dict is None and resumed_epoch is None and not is_other_rank():
+        write_init(cfg)   # rank 0 writes the init before it starts the other ranks, which read it
     if state_dict is not None:
         with torch.device("meta"):   # shapes only: no memory, no init work
-            expected = RWKV(cfg.model_config()).state_dict()
-        check_compatible(state_dict, expected, start_path, cfg.load_partial == 1)
-    return dataset, val_tokens, start_path, state_dict
+            expected = RWKV(cfg.model).state_dict()
+        check_compatible(state_dict, expected, start_path, cfg.run.load_partial == 1)
+    return cfg, dataset, val_tokens, start_path, state_dict
 
 
-def build_model(cfg: TrainConfig, start_path, state_dict):
+def build_model(cfg: Config, start_path, state_dict):
     """The plain model with the start weights; tensors missing from a --load_partial file keep their init."""
     import pytorch_lightning as pl
-    from src.train.checkpoint import load_state_dict
     from src.model import RWKV
-    if cfg.random_seed >= 0:
-        pl.seed_everything(cfg.random_seed)
-    model = RWKV(cfg.model_config())
+    from src.train.checkpoint import load_state_dict
+    if cfg.run.random_seed >= 0:
+        pl.seed_everything(cfg.run.random_seed)
+    model = RWKV(cfg.model)
     if state_dict is None and is_other_rank() and not os.path.exists(start_path):
         model.init_weights()   # another node without rank 0's file: DDP / DeepSpeed broadcast rank 0's weights
         return model
@@ -195,49 +199,51 @@ def build_model(cfg: TrainConfig, start_path, state_dict):
     return model
 
 
-def training_module(cfg: TrainConfig, model):
+def training_module(cfg: Config, model):
     """The module Lightning trains: the plain model with the fast path applied for this process's device (which
     checks its twins against the model first: FastPathMismatch) and the recipe's optimizer."""
     import torch
     from src.engine.fast_path import apply_fast_path
     from src.train.lightning_module import TrainingModule
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cfg.accelerator != "cpu" else torch.device("cpu")
-    return TrainingModule(apply_fast_path(model, cfg.perf_config(), device), cfg.optim_config())
+    device = torch.device("cpu") if cfg.run.accelerator == "cpu" else \
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return TrainingModule(apply_fast_path(model, cfg.perf, device), cfg.optim)
 
 
-def fit(cfg: TrainConfig, model, dataset, callbacks, max_steps=-1):
+def fit(cfg: Config, model, dataset, callbacks, max_steps=-1):
     from torch.utils.data import DataLoader
     from src.data.dataset import STREAM_WORKERS
     # workers are started anew each mini-epoch, after the callback has set the dataset's epoch and rank
-    loader = DataLoader(dataset, batch_size=cfg.micro_bsz, shuffle=False, drop_last=True,
-                        num_workers=STREAM_WORKERS if cfg.data_type == "jsonl" else 1,
-                        persistent_workers=False, pin_memory=cfg.accelerator != "cpu")
+    loader = DataLoader(dataset, batch_size=cfg.data.micro_bsz, shuffle=False, drop_last=True,
+                        num_workers=STREAM_WORKERS if cfg.data.data_type == "jsonl" else 1,
+                        persistent_workers=False, pin_memory=cfg.run.accelerator != "cpu")
     trainer = build_trainer(cfg, callbacks, max_steps)
     trainer.fit(model, loader)
     return trainer
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    flags = parse_flags(argv)
     try:
-        if cfg.train_stage == 1:
-            cfg.validate()
-            os.makedirs(cfg.proj_dir, exist_ok=True)
+        if flags["train_stage"] == 1:
+            cfg = build_config(flags)
+            os.makedirs(cfg.run.proj_dir, exist_ok=True)
             write_init(cfg)
             return
-        dataset, val_tokens, start_path, state_dict = prepare(cfg)
+        cfg, dataset, val_tokens, start_path, state_dict = prepare(flags)
     except (ConfigError, ValueError, RuntimeError, OSError) as e:
         sys.exit(f"error: {e}")
-    from src.train.checkpoint import CheckpointError
     from src.engine.fast_path import FastPathMismatch
     from src.train.callbacks import TrainCallback, TrainingDiverged
+    from src.train.checkpoint import CheckpointError
     try:
         module = training_module(cfg, build_model(cfg, start_path, state_dict))
     except FastPathMismatch as e:
         sys.exit(f"error: {e}")
     del state_dict
-    print(f"training L{cfg.n_layer}-D{cfg.n_embd} from {start_path}: mini-epochs of {cfg.epoch_steps} steps x "
-          f"{cfg.real_bsz} x {cfg.ctx_len} tokens, starting at mini-epoch {cfg.epoch_begin}")
+    print(f"training L{cfg.model.n_layer}-D{cfg.model.n_embd} from {start_path}: mini-epochs of "
+          f"{cfg.data.epoch_steps} steps x {cfg.real_bsz} x {cfg.data.ctx_len} tokens, starting at mini-epoch "
+          f"{cfg.optim.epoch_begin}")
     start = time.time()
     try:
         fit(cfg, module, dataset, [TrainCallback(cfg, dataset, val_tokens)])

@@ -9,14 +9,13 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import fields
 
 import numpy as np
 import pytest
 import torch
 
 from src.data.binidx import write_binidx
-from src.config import TrainConfig
+from src.config import flag_fields
 from src.data.dataset import recipe_flags
 from train import shown_default
 
@@ -151,7 +150,7 @@ def help_entries(text):
 def test_train_help_describes_every_flag_with_its_default():
     result = run_tool("train.py", "--help")
     entries = help_entries(result.stdout)
-    for f in fields(TrainConfig):
+    for f in flag_fields():
         assert f.metadata.get("help"), f"--{f.name} has no help"
         entry = entries[f"--{f.name}"]
         assert entry.endswith(f"(default: {shown_default(f.default)})"), entry

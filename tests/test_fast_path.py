@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from src.config import ConfigError, OptimConfig, PerfConfig, TrainConfig
+from src.config import ConfigError, OptimConfig, PerfConfig, build_config, flag_defaults
 from src.engine import fast_path
 from src.engine.fast_path import CompiledBlock, FastPathMismatch, GraphedTrunk, Twin, TrainingBlock, apply_fast_path
 from src.kernels.head_loss import head_loss_chunked
@@ -236,10 +236,10 @@ def test_installed_twins_run_only_on_their_device_and_from_a_zero_state():
 def test_cuda_graphs_by_default_but_not_under_zero3():
     """--cuda_graph 1 (the default) records the blocks, except under ZeRO-3 (weights gathered into new memory at
     every use); DeepSpeed's reentrant checkpointing, which a recording cannot hold, only runs without graphs."""
-    assert TrainConfig().cuda_graph == 1
+    assert flag_defaults()["cuda_graph"] == 1
     for strategy, flag, graphs in [("deepspeed_stage_2", 1, True), ("deepspeed_stage_2_offload", 1, True),
                                    ("deepspeed_stage_3", 1, False), ("deepspeed_stage_2", 0, False), ("auto", 1, True)]:
-        perf = TrainConfig(strategy=strategy, cuda_graph=flag).perf_config()
+        perf = build_config(dict(strategy=strategy, cuda_graph=flag)).perf
         assert perf.cuda_graph == graphs
         assert perf.deepspeed_checkpointing == (strategy != "auto" and not graphs)
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from src.config import TrainConfig
+from src.config import ConfigError, build_config
 from src.train.evaluate import load_token_stream, val_loss
 from src.train.callbacks import lr_schedule, saves_checkpoint
 from tools.generate import load_model
@@ -34,8 +34,11 @@ def spec_lr(step, epoch_begin, epoch_steps, ctx_len, real_bsz, warmup, exit_toke
 
 @pytest.mark.parametrize("exit_tokens,epoch_begin", [(1498226207, 0), (1498226207, 7), (0, 0), (0, 3)])
 def test_lr_schedule_matches_spec(exit_tokens, epoch_begin):
-    cfg = TrainConfig(ctx_len=512, micro_bsz=16, epoch_steps=2520, epoch_count=72, epoch_begin=epoch_begin,
-                      warmup_steps=10, my_exit_tokens=exit_tokens, lr_init=6e-4, lr_final=6e-5)
+    # MiniPile's magic prime on one GPU: 40320 // 16 = 2520 steps per mini-epoch, 2926181 // 40320 = 72 mini-epochs
+    cfg = build_config(dict(ctx_len=512, micro_bsz=16, data_type="binidx", magic_prime=2926181, warmup_steps=10,
+                            my_exit_tokens=exit_tokens, lr_init=6e-4, lr_final=6e-5),
+                       resumed_epoch=epoch_begin - 1 if epoch_begin else None)
+    assert (cfg.data.epoch_steps, cfg.optim.epoch_count, cfg.optim.epoch_begin) == (2520, 72, epoch_begin)
     for step in (0, 1, 5, 9, 10, 11, 1000, 90000, 181439, 182888, 182889, 200000):
         want = spec_lr(step, epoch_begin, 2520, 512, 16, 10, exit_tokens, 72, 6e-4, 6e-5)
         got = lr_schedule(cfg, step)
@@ -74,12 +77,35 @@ EPOCH_TOKENS = 40320 * CTX
 
 
 def test_checkpoint_rule_saves_the_last_mini_epoch_after_a_resume():
-    cfg = TrainConfig(epoch_count=3, epoch_save=5)
+    flags = dict(data_type="jsonl", epoch_count=3, epoch_save=5)
+    cfg = build_config(flags)
     assert [saves_checkpoint(cfg, e) for e in range(3)] == [True, False, True]
-    cfg.epoch_begin = 1   # resumed after rwkv-0: run epochs 0, 1 are the recipe's 1, 2 (the last)
+    cfg = build_config(flags, resumed_epoch=0)   # after rwkv-0: run epochs 0, 1 are the recipe's 1, 2 (the last)
     assert [saves_checkpoint(cfg, e) for e in range(2)] == [True, True]
-    cfg.epoch_save = 1
-    assert all(saves_checkpoint(cfg, e) for e in range(2))
+    assert all(saves_checkpoint(build_config({**flags, "epoch_save": 1}, resumed_epoch=0), e) for e in range(2))
+
+
+def test_config_is_built_once_with_its_derived_values_and_frozen():
+    """build_config derives what the reference derives from the flags (docs/RECIPE.md sections 6-8), and nothing
+    changes the result afterwards; bad flags are refused there, naming the flag."""
+    import dataclasses
+    flags = dict(data_type="binidx", magic_prime=2926181, micro_bsz=8, devices=2, strategy="deepspeed_stage_3",
+                 warmup_steps=-1, n_embd=768, dim_ffn=0)
+    new, resumed = build_config(flags), build_config(flags, resumed_epoch=4)
+    assert new.real_bsz == 16 and new.data.epoch_steps == 2520 and new.optim.epoch_count == 72
+    assert (new.optim.epoch_begin, new.optim.warmup_steps) == (0, 0)
+    assert (resumed.optim.epoch_begin, resumed.optim.warmup_steps) == (5, 10)
+    assert build_config(flags, resumed_epoch=-1).optim.warmup_steps == 0   # from rwkv-init.pth: no warmup added
+    assert new.model.dim_ffn == 3072 and new.optim.optimizer == "fused" and new.perf.cuda_graph == 0
+    assert build_config({**flags, "strategy": "deepspeed_stage_2_offload"}).optim.optimizer == "cpu_adam"
+    assert build_config({**flags, "data_type": "jsonl", "epoch_steps": 7}).data.epoch_steps == 7
+    for section in (new.model, new.data, new.optim, new.perf, new.run):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(section, dataclasses.fields(section)[0].name, 0)
+    with pytest.raises(ConfigError, match="--ctx_len 100 must be a positive multiple of 16"):
+        build_config({**flags, "ctx_len": 100})
+    with pytest.raises(ConfigError, match="unknown flags"):
+        build_config({"ctx_lenn": 512})
 
 
 def test_train_stage1_then_resume_and_fallback(byte_data, tmp_path):
@@ -169,6 +195,6 @@ def test_deepspeed_never_waits_for_the_gpu_to_time_a_step(monkeypatch):
             timer.stop(global_step=True)
         return len(syncs)
 
-    cfg = TrainConfig(proj_dir="unused", accelerator="cpu", strategy="deepspeed_stage_2", precision="bf16")
+    cfg = build_config(dict(proj_dir="unused", accelerator="cpu", strategy="deepspeed_stage_2", precision="bf16"))
     assert syncs_in_steps({}) > 0   # DeepSpeed's default
     assert syncs_in_steps(train_py.build_trainer(cfg, []).strategy.config) == 0

@@ -14,9 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def zero_optimization(strategy, devices, num_nodes=1):
     """The zero_optimization section that train.py builds."""
     import train
-    from src.config import TrainConfig
-    cfg = TrainConfig(proj_dir="unused", accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy,
-                      precision="bf16")
+    from src.config import build_config
+    cfg = build_config(dict(proj_dir="unused", accelerator="cpu", devices=devices, num_nodes=num_nodes,
+                            strategy=strategy, precision="bf16"))
     return train.build_trainer(cfg, []).strategy.config["zero_optimization"]
 
 
@@ -79,24 +79,24 @@ def build_engine(zero, device="cpu", optimizer="torch", zero_patches=True):
     import torch
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from src.config import TrainConfig
+    from src.config import build_config
     from src.engine import zero_patches as patches
     from src.engine.fast_path import apply_fast_path
     from src.model import RWKV
     from src.train.lightning_module import TrainingModule
     size = dict(n_embd=32, head_size=8, vocab_size=256, ctx_len=16) if device == "cpu" else \
         dict(n_embd=128, head_size=64, vocab_size=512, ctx_len=64)
-    cfg = TrainConfig(n_layer=2, micro_bsz=4, lr_init=1e-2, cuda_graph=0, **size)
+    cfg = build_config(dict(n_layer=2, micro_bsz=4, lr_init=1e-2, cuda_graph=0, **size))
     torch.manual_seed(0)
-    model = RWKV(cfg.model_config())
+    model = RWKV(cfg.model)
     model.init_weights()
     init = [p.detach().float().cpu() for p in model.parameters()]
-    model = TrainingModule(apply_fast_path(model, cfg.perf_config(), torch.device(device)),
-                           dataclasses.replace(cfg.optim_config(), optimizer=optimizer))
+    model = TrainingModule(apply_fast_path(model, cfg.perf, torch.device(device)),
+                           dataclasses.replace(cfg.optim, optimizer=optimizer))
     # small buckets, so that the gradients go through several of them, and the embedding and head exceed one
     zero = {**zero, "reduce_bucket_size": 2000, "allgather_bucket_size": 2000}
     # offload runs torch's Adam on the host partition (DeepSpeedCPUAdam would need its extension built)
-    config = {"train_micro_batch_size_per_gpu": cfg.micro_bsz, "gradient_clipping": 1.0, "bf16": {"enabled": True},
+    config = {"train_micro_batch_size_per_gpu": cfg.data.micro_bsz, "gradient_clipping": 1.0, "bf16": {"enabled": True},
               "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
               "zero_optimization": zero}
     engine, *_ = deepspeed.initialize(model=model, optimizer=model.configure_optimizers(), config=config)
@@ -109,7 +109,8 @@ def batches(cfg, rank, steps, device):
     import torch
     tokens = torch.Generator().manual_seed(1 + rank)
     for _ in range(steps):
-        batch = torch.randint(0, cfg.vocab_size, (cfg.micro_bsz, cfg.ctx_len + 1), generator=tokens).to(device)
+        batch = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_bsz, cfg.data.ctx_len + 1),
+                              generator=tokens).to(device)
         yield batch[:, :-1], batch[:, 1:]
 
 

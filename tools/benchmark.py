@@ -20,7 +20,7 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402  (first: importing src sets its warning filters before Lightning is imported)
-from src.config import TrainConfig  # noqa: E402
+from src.config import build_config  # noqa: E402
 from src.model import RWKV  # noqa: E402
 from src.train.callbacks import TrainCallback  # noqa: E402
 
@@ -166,16 +166,17 @@ def main(argv=None):
     if args.micro_bsz:
         preset["micro_bsz"] = args.micro_bsz
     with tempfile.TemporaryDirectory() as proj_dir:
-        cfg = TrainConfig(**preset, proj_dir=proj_dir, grad_cp=args.grad_cp, devices=args.devices, accelerator=args.accelerator,
-                          strategy=args.strategy, precision=args.precision, ds_bucket_mb=200, vocab_size=65536,
-                          epoch_steps=args.steps, epoch_count=1000, warmup_steps=10, lr_init=6e-4, lr_final=6e-5,
-                          weight_decay=0.001, enable_progress_bar=False, random_seed=0, fused=args.fused,
-                          compile_blocks=args.compile_blocks, cuda_graph=args.cuda_graph)
-        cfg.validate()
-        model = RWKV(cfg.model_config())
+        # jsonl: a mini-epoch of --epoch_steps steps (binidx would derive it from --magic_prime); the data is random
+        cfg = build_config(dict(**preset, proj_dir=proj_dir, grad_cp=args.grad_cp, devices=args.devices,
+                                accelerator=args.accelerator, strategy=args.strategy, precision=args.precision,
+                                ds_bucket_mb=200, vocab_size=65536, data_type="jsonl", epoch_steps=args.steps,
+                                epoch_count=1000, warmup_steps=10, lr_init=6e-4, lr_final=6e-5, weight_decay=0.001,
+                                enable_progress_bar=False, random_seed=0, fused=args.fused,
+                                compile_blocks=args.compile_blocks, cuda_graph=args.cuda_graph))
+        model = RWKV(cfg.model)
         model.init_weights()
         module = train.training_module(cfg, model)
-        dataset = RandomTokens(args.steps * cfg.micro_bsz, cfg.ctx_len, cfg.vocab_size)
+        dataset = RandomTokens(args.steps * cfg.data.micro_bsz, cfg.data.ctx_len, cfg.model.vocab_size)
         timer = StepTimer()
         profilers = [HostProfiler(args.steps - 8), StepProfiler(args.steps - 4), SyncReporter(args.steps - 10)]
         callbacks = [TrainCallback(cfg, dataset), timer] + (profilers if args.profile else [])
@@ -183,11 +184,12 @@ def main(argv=None):
     if not trainer.is_global_zero:
         return
     step_s = statistics.median(b - a for a, b in zip(timer.times[args.warmup:], timer.times[args.warmup + 1:]))
-    tokens_per_s = cfg.real_bsz * cfg.ctx_len / step_s
+    tokens_per_s = cfg.tokens_per_step / step_s
     gpu = torch.cuda.is_available() and args.accelerator != "cpu"
-    result = dict(preset=args.preset, n_layer=cfg.n_layer, n_embd=cfg.n_embd, ctx_len=cfg.ctx_len,
-                  micro_bsz=cfg.micro_bsz, devices=args.devices, grad_cp=args.grad_cp, fused=args.fused,
-                  compile_blocks=cfg.perf_config().compile_blocks, cuda_graph=getattr(model.trunk, "graphed", None) is not None, strategy=args.strategy,
+    result = dict(preset=args.preset, n_layer=cfg.model.n_layer, n_embd=cfg.model.n_embd, ctx_len=cfg.data.ctx_len,
+                  micro_bsz=cfg.data.micro_bsz, devices=args.devices, grad_cp=args.grad_cp, fused=args.fused,
+                  compile_blocks=cfg.perf.compile_blocks, cuda_graph=getattr(model.trunk, "graphed", None) is not None,
+                  strategy=args.strategy,
                   precision=args.precision, steps=args.steps, step_ms=round(step_s * 1000, 2),
                   tokens_per_s=round(tokens_per_s),
                   mfu=round(6 * matmul_params(model) * tokens_per_s / (PEAK_FLOPS * args.devices), 4),

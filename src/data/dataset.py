@@ -17,11 +17,10 @@ import torch
 import zstandard
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from src.config import MINI_EPOCH_SAMPLES
 from src.data import DataError
 from src.data.binidx import BinIdx
 from src.data.tokenizer import END_OF_DOC, RWKVTokenizer
-
-MINI_EPOCH_SAMPLES = 40320  # samples per mini-epoch on all ranks together (8!: many divisors)
 STREAM_WORKERS = 2  # DataLoader workers per rank for JsonlStreamDataset (any count is correct)
 
 # ---------------------------------------------------------------------------------------------

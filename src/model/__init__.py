@@ -1,2 +1,4 @@
 """The recipe's model in plain PyTorch (src/model/rwkv7.py); it imports nothing from src.kernels or src.engine."""
-from src.model.rwkv7 import RWKV  # noqa: F401  (the model, for `from src.model import RWKV`)
+from src.model.rwkv7 import RWKV
+
+__all__ = ["RWKV"]

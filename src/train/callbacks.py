@@ -1,41 +1,21 @@
-"""The training loop around the model: LR schedule (docs/RECIPE.md section 6), logs and checkpoints (section 8)."""
+"""The training loop around the model: the LR schedule set before each step (src/train/schedule.py), the logs and the
+checkpoints (docs/RECIPE.md section 8)."""
 import datetime
 import math
 import os
 import time
-from dataclasses import asdict
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 
+from src.config import Config
 from src.train.checkpoint import numbered_checkpoints, save_atomic
-from src.config import TrainConfig
+from src.train.schedule import lr_schedule, saves_checkpoint
 
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-def lr_schedule(cfg: TrainConfig, step_in_run: int):
-    """(lr, progress) before step `step_in_run` of this run; cfg.warmup_steps is already resolved (>= 0)."""
-    real_step = step_in_run + cfg.epoch_begin * cfg.epoch_steps
-    tokens_per_step = cfg.ctx_len * cfg.real_bsz
-    horizon = cfg.my_exit_tokens if cfg.my_exit_tokens > 0 else cfg.epoch_count * cfg.epoch_steps * tokens_per_step
-    warmup_tokens = cfg.warmup_steps * tokens_per_step
-    progress = (real_step * tokens_per_step - warmup_tokens) / (horizon - warmup_tokens)
-    progress = min(1.0, max(0.0, progress))
-    f = cfg.lr_final / cfg.lr_init
-    lr = cfg.lr_init * ((0.5 + f / 2) + (0.5 - f / 2) * math.cos(math.pi * progress))
-    if step_in_run < cfg.warmup_steps:
-        lr *= 0.01 + 0.99 * step_in_run / cfg.warmup_steps
-    return lr, progress
-
-
-def saves_checkpoint(cfg: TrainConfig, run_epoch: int):
-    """docs/RECIPE.md section 8: rwkv-<epoch_begin + e>.pth after this run's mini-epoch e when e % epoch_save == 0
-    or it is the recipe's last mini-epoch (also in a resumed run)."""
-    return run_epoch % cfg.epoch_save == 0 or cfg.epoch_begin + run_epoch == cfg.epoch_count - 1
 
 
 def checkpoint_state_dict(trainer, pl_module):
@@ -75,7 +55,7 @@ class TrainCallback(pl.Callback):
     """Sets lr and weight decay before every step, keeps the mini-epoch loss, writes train_log.txt, wandb and
     the checkpoints, and stops the run when the schedule's progress reaches 1."""
 
-    def __init__(self, cfg: TrainConfig, dataset, val_tokens=None):
+    def __init__(self, cfg: Config, dataset, val_tokens=None):
         self.cfg, self.dataset, self.val_tokens = cfg, dataset, val_tokens
         self.finished = False
         self.log_file = None
@@ -85,18 +65,18 @@ class TrainCallback(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         if trainer.is_global_zero:
-            self.log_file = open(os.path.join(self.cfg.proj_dir, "train_log.txt"), "a")
-            self.log_file.write(f"NEW RUN {datetime.datetime.now().strftime('%Y-%m-%d-%H-%M-%S')}\n{asdict(self.cfg)}\n")
+            self.log_file = open(os.path.join(self.cfg.run.proj_dir, "train_log.txt"), "a")
+            self.log_file.write(f"NEW RUN {datetime.datetime.now().strftime('%Y-%m-%d-%H-%M-%S')}\n{self.cfg.values()}\n")
             self.log_file.flush()
-            if self.cfg.wandb:
+            if self.cfg.run.wandb:
                 import wandb
-                wandb.init(project=self.cfg.wandb, config=asdict(self.cfg), save_code=False,
-                           name=f"{os.path.basename(os.path.abspath(self.cfg.proj_dir))} {datetime.datetime.now():%Y-%m-%d %H:%M}")
+                wandb.init(project=self.cfg.run.wandb, config=self.cfg.values(), save_code=False,
+                           name=f"{os.path.basename(os.path.abspath(self.cfg.run.proj_dir))} {datetime.datetime.now():%Y-%m-%d %H:%M}")
                 self.wandb = wandb
 
     def on_train_epoch_start(self, trainer, pl_module):
         # the sampler's position: which mini-epoch, and which share of it this rank reads
-        self.dataset.real_epoch = self.cfg.epoch_begin + trainer.current_epoch
+        self.dataset.real_epoch = self.cfg.optim.epoch_begin + trainer.current_epoch
         self.dataset.global_rank = trainer.global_rank
         self.dataset.world_size = trainer.world_size
         self.loss_sum = torch.zeros((), device=pl_module.device, dtype=torch.float64)
@@ -111,7 +91,7 @@ class TrainCallback(pl.Callback):
         for group in trainer.optimizers[0].param_groups:
             group["lr"] = lr * group["my_lr_scale"]
             if group["weight_decay"] > 0:
-                group["weight_decay"] = self.cfg.weight_decay
+                group["weight_decay"] = self.cfg.optim.weight_decay
         self.lr = lr
 
     def finish(self, trainer, pl_module):
@@ -119,7 +99,7 @@ class TrainCallback(pl.Callback):
         self.report_losses()
         state_dict = checkpoint_state_dict(trainer, pl_module)
         if trainer.is_global_zero:
-            save_atomic(state_dict, os.path.join(self.cfg.proj_dir, "rwkv-final.pth"))
+            save_atomic(state_dict, os.path.join(self.cfg.run.proj_dir, "rwkv-final.pth"))
             print(f"\nEnd of training: the schedule reached its horizon at step {trainer.global_step}; wrote rwkv-final.pth")
         self.finished = True
         trainer.should_stop = True
@@ -134,7 +114,7 @@ class TrainCallback(pl.Callback):
             # (Lightning's strategy.reduce would add a barrier that does)
             torch.distributed.all_reduce(values)
             values /= trainer.world_size
-        self.pending.append((*copy_to_host(values), trainer.global_step, self.cfg.epoch_begin + trainer.current_epoch))
+        self.pending.append((*copy_to_host(values), trainer.global_step, self.cfg.optim.epoch_begin + trainer.current_epoch))
         # on CUDA the host reads each loss one step late, so it never waits for the step it has just queued
         self.report_losses(keep=1 if loss.is_cuda else 0)
 
@@ -146,19 +126,19 @@ class TrainCallback(pl.Callback):
                 ready.synchronize()
             loss_value, mean_loss = values.tolist()
             if not math.isfinite(loss_value):
-                saved = numbered_checkpoints(self.cfg.proj_dir)
+                saved = numbered_checkpoints(self.cfg.run.proj_dir)
                 raise TrainingDiverged(
                     f"loss became {loss_value} at step {steps_done - 1} (mini-epoch {epoch}); no checkpoint was "
                     f"written from these weights. The last good checkpoint is {saved[0][1] if saved else 'none'}. "
                     f"Lower --lr_init or check the data, then resume.")
             now = time.time()
-            kt_s = self.cfg.real_bsz * self.cfg.ctx_len / max(now - self.step_time, 1e-9) / 1000
+            kt_s = self.cfg.tokens_per_step / max(now - self.step_time, 1e-9) / 1000
             self.step_time = now
             self.shown = {"lr": self.lr, "loss": mean_loss, "Kt/s": kt_s}
             if self.wandb is not None:
-                real_step = steps_done + self.cfg.epoch_begin * self.cfg.epoch_steps
-                self.wandb.log({"loss": loss_value, "lr": self.lr, "wd": self.cfg.weight_decay, "kt/s": kt_s,
-                                "Gtokens": real_step * self.cfg.real_bsz * self.cfg.ctx_len / 1e9}, step=real_step)
+                real_step = steps_done + self.cfg.optim.epoch_begin * self.cfg.data.epoch_steps
+                self.wandb.log({"loss": loss_value, "lr": self.lr, "wd": self.cfg.optim.weight_decay, "kt/s": kt_s,
+                                "Gtokens": real_step * self.cfg.tokens_per_step / 1e9}, step=real_step)
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self.finished or self.loss_count == 0:
@@ -166,11 +146,11 @@ class TrainCallback(pl.Callback):
         self.report_losses()   # no checkpoint from weights after a NaN loss
         mean_loss = trainer.strategy.reduce(self.loss_sum / self.loss_count, reduce_op="mean").item()
         e = trainer.current_epoch
-        epoch = self.cfg.epoch_begin + e
+        epoch = self.cfg.optim.epoch_begin + e
         if saves_checkpoint(self.cfg, e):
             state_dict = checkpoint_state_dict(trainer, pl_module)
             if trainer.is_global_zero:
-                save_atomic(state_dict, os.path.join(self.cfg.proj_dir, f"rwkv-{epoch}.pth"))
+                save_atomic(state_dict, os.path.join(self.cfg.run.proj_dir, f"rwkv-{epoch}.pth"))
         val = self.validate(trainer, pl_module) if self.val_tokens is not None else None
         if trainer.is_global_zero:
             self.log_file.write(f"{epoch} {mean_loss:.6f} {math.exp(mean_loss):.4f} {self.lr:.8f} "
@@ -185,7 +165,7 @@ class TrainCallback(pl.Callback):
     def validate(self, trainer, pl_module):
         """Validation loss on --val_data: each rank scores its share of the windows, then the shares add up."""
         from src.train.evaluate import val_loss
-        part = val_loss(pl_module.model, self.val_tokens, self.cfg.ctx_len, batch_size=self.cfg.micro_bsz,
+        part = val_loss(pl_module.model, self.val_tokens, self.cfg.data.ctx_len, batch_size=self.cfg.data.micro_bsz,
                         rank=trainer.global_rank, world_size=trainer.world_size)
         sums = torch.tensor([part["loss_sum"], part["tokens"]], dtype=torch.float64, device=pl_module.device)
         sums = trainer.strategy.reduce(sums, reduce_op="sum")

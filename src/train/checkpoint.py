@@ -87,13 +87,17 @@ def remove_partial_writes(proj_dir, log=print):
                 pass
 
 
+def nothing_to_resume(proj_dir):
+    return CheckpointError(f"no rwkv-init.pth or rwkv-<n>.pth in {proj_dir}: write the init first "
+                           f"(--train_stage 1, e.g. demo-training-prepare.sh)")
+
+
 def load_newest(proj_dir, log=print):
     """(n, path, state_dict) of the newest readable numbered checkpoint, falling back past unreadable ones."""
     remove_partial_writes(proj_dir, log)
     candidates = numbered_checkpoints(proj_dir)
     if not candidates:
-        raise CheckpointError(f"no rwkv-init.pth or rwkv-<n>.pth in {proj_dir}: write the init first "
-                              f"(--train_stage 1, e.g. demo-training-prepare.sh)")
+        raise nothing_to_resume(proj_dir)
     for n, path in candidates:
         try:
             return n, path, load_state_dict(path)
