@@ -9,8 +9,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_offline_demo_trains_and_samples(tmp_path):
     proj = tmp_path / "demo"
+    # one layer at ctx 64: the CPU's step-by-step wkv7 makes the demo's default size take minutes
     result = subprocess.run([sys.executable, "tools/demo.py", "--proj_dir", str(proj), "--epoch_steps", "8",
-                             "--epoch_count", "2", "--data_mb", "1", "--length", "30"],
+                             "--epoch_count", "2", "--data_mb", "1", "--length", "30", "--n_layer", "1",
+                             "--ctx_len", "64"],
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     losses = [float(m.group(1)) for m in re.finditer(r"^\d+ (\d+\.\d{6}) ", result.stdout, re.M)]

@@ -146,12 +146,13 @@ def test_train_stage1_then_resume_and_fallback(byte_data, tmp_path):
     direct = val_loss(model, load_token_stream(byte_data[0], max_tokens=4000), CTX)
     assert float(val_line[0][2]) == pytest.approx(direct["loss"], abs=2e-6)
 
-    # a truncated newest checkpoint: the run says so and falls back to rwkv-0.pth
+    # a truncated newest checkpoint: the run says so, falls back to rwkv-0.pth and trains mini-epoch 1 again
     with open(proj / "rwkv-1.pth", "r+b") as f:
         f.truncate(os.path.getsize(proj / "rwkv-1.pth") // 2)
     result = train(proj, byte_data, "--train_stage", "3", "--precision", "32", "--my_exit_tokens", 2 * EPOCH_TOKENS)
     assert "rwkv-1.pth is cut short" in result.stdout + result.stderr
     assert "falling back" in result.stdout + result.stderr
+    assert f"resuming from {proj / 'rwkv-0.pth'}: mini-epoch 1 is next" in result.stdout
     assert [(e, r) for e, _, _, _, r in log_lines(proj)][-1] == ("1", "0")
     torch.load(proj / "rwkv-1.pth", weights_only=True)   # rewritten whole
 
