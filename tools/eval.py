@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from src.config import PerfConfig  # noqa: E402
+from src.engine.fast_path import FastPathMismatch, apply_fast_path  # noqa: E402
 from src.train.checkpoint import CheckpointError  # noqa: E402
 from src.train.evaluate import lambada, load_token_stream, val_loss  # noqa: E402
 from src.data.tokenizer import RWKVTokenizer  # noqa: E402
@@ -46,7 +48,9 @@ def main(argv=None):
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
 
     try:
-        model = load_model(args.model, args.device).to(DTYPES[dtype])
+        # on CUDA the fast path's twins (the wkv7 kernel first), each checked against the model
+        model = apply_fast_path(load_model(args.model, args.device), PerfConfig(), torch.device(args.device))
+        model = model.to(DTYPES[dtype])
         tokenizer = RWKVTokenizer(args.vocab)
         start = time.time()
         result = {"model": args.model, "data": args.data or args.lambada, "device": args.device, "dtype": dtype}
@@ -65,7 +69,7 @@ def main(argv=None):
             seconds = time.time() - start
             result.update(task="lambada", examples=scores["n"], accuracy=scores["accuracy"], ppl=scores["ppl"],
                           seconds=round(seconds, 3), examples_per_s=round(scores["n"] / max(seconds, 1e-9), 2))
-    except (CheckpointError, OSError, ValueError) as e:   # DataError and the vocab's errors are ValueErrors
+    except (CheckpointError, FastPathMismatch, OSError, ValueError) as e:   # DataError, the vocab's: ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result), flush=True)
