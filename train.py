@@ -223,7 +223,9 @@ def fit(cfg: Config, model, dataset, callbacks, max_steps=-1):
 
 
 def main(argv=None):
+    from src.engine.threads import use_cpu_threads
     flags = parse_flags(argv)
+    threads = use_cpu_threads(flags["accelerator"], max(flags["threads"], 0), flags["devices"])   # before the init
     try:
         if flags["train_stage"] == 1:
             cfg = build_config(flags)
@@ -243,7 +245,7 @@ def main(argv=None):
     del state_dict
     print(f"training L{cfg.model.n_layer}-D{cfg.model.n_embd} from {start_path}: mini-epochs of "
           f"{cfg.data.epoch_steps} steps x {cfg.real_bsz} x {cfg.data.ctx_len} tokens, starting at mini-epoch "
-          f"{cfg.optim.epoch_begin}")
+          f"{cfg.optim.epoch_begin}" + (f", {threads} CPU thread{'s' * (threads > 1)}" if threads else ""))
     start = time.time()
     try:
         fit(cfg, module, dataset, [TrainCallback(cfg, dataset, val_tokens)])

@@ -176,6 +176,8 @@ class RunConfig:
     precision: str = flag("bf16", "hardware", "fp32, tf32, fp16 or bf16 (32 and 16 are accepted)")
     strategy: str = flag("auto", "hardware", "auto (Lightning's choice, DDP on several devices), "
                          "deepspeed_stage_2, deepspeed_stage_2_offload or deepspeed_stage_3")
+    threads: int = flag(0, "hardware", "torch's threads per process on CPU; 0: automatic (src/engine/threads.py: "
+                        "OMP_NUM_THREADS if set, else the process's share of the cores less one, at least 1)")
 
     @property
     def world_size(self) -> int:
@@ -237,6 +239,8 @@ def check_flags(values: dict):
     for flag in ("micro_bsz", "devices", "num_nodes", "epoch_save", "head_size"):
         if getattr(v, flag) < 1:
             raise ConfigError(f"--{flag} {getattr(v, flag)} must be at least 1")
+    if v.threads < 0:
+        raise ConfigError(f"--threads {v.threads} must be >= 0 (0: automatic, src/engine/threads.py)")
     if v.epoch_begin < 0:
         raise ConfigError(f"--epoch_begin {v.epoch_begin} must be >= 0")
     if v.precision not in ("fp32", "tf32", "fp16", "bf16", "32", "16"):
@@ -315,7 +319,7 @@ def check_schedule(cfg: Config):
         more = "--my_exit_tokens"
     else:
         horizon = f"--epoch_count {o.epoch_count} x --epoch_steps {d.epoch_steps}"
-        more = "more --epoch_steps or --epoch_count"
+        more = "a larger --epoch_count or --epoch_steps"
     steps = horizon_step - o.epoch_begin * d.epoch_steps
     if steps <= 0:
         raise ConfigError(f"nothing to train: this run starts at mini-epoch {o.epoch_begin} (step "

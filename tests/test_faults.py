@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -236,3 +237,28 @@ def test_data_under_one_mini_epoch_needs_an_exit_token_count(tmp_path, monkeypat
     small = (prefix, find_magic_prime(100_000, 16))
     message = run_main(binidx_argv(tmp_path / "run", small, "--micro_bsz", "8"), monkeypatch)
     assert message.startswith("error:") and "less than one mini-epoch" in message and "--my_exit_tokens" in message, message
+
+
+def test_a_run_that_would_train_nothing_stops_before_training(binidx_data, shard_dir, tmp_path, monkeypatch):
+    """Fewer steps than the warmup (the schedule would reach its horizon at step 0) or a resume at the schedule's
+    end: the run stops before any model is built, naming the flags and the fix, and writes no log or checkpoint."""
+    proj = tmp_path / "run"
+    train.main(stream_cmd(proj, shard_dir, 1, "--train_stage", "1")[2:])
+    message = run_main(stream_cmd(proj, shard_dir, 1, "--train_stage", "3", "--warmup_steps", "10")[2:], monkeypatch)
+    assert message == ("error: --warmup_steps 10 is not shorter than this run's 4 steps (the schedule ends at step 4: "
+                       "--epoch_count 1 x --epoch_steps 4); the warmup must end before the run does: use "
+                       "--warmup_steps 0 or a larger --epoch_count or --epoch_steps"), message
+    message = run_main(stream_cmd(proj, shard_dir, 1, "--train_stage", "3", "--warmup_steps", "4")[2:], monkeypatch)
+    assert message.startswith("error: --warmup_steps 4 is not shorter than this run's 4 steps"), message
+    train.main(binidx_argv(tmp_path / "binidx", binidx_data, "--train_stage", "1"))
+    message = run_main(binidx_argv(tmp_path / "binidx", binidx_data, "--my_exit_tokens", 100_000, "--warmup_steps", 2),
+                       monkeypatch)
+    assert message.startswith("error: --warmup_steps 2 is not shorter than this run's 2 steps (the schedule ends at "
+                              "step 2: --my_exit_tokens 100000 / 80640 tokens a step)"), message
+
+    shutil.copy(proj / "rwkv-init.pth", proj / "rwkv-0.pth")   # as if mini-epoch 0, the last, were done
+    message = run_main(stream_cmd(proj, shard_dir, 1, "--train_stage", "3")[2:], monkeypatch)
+    assert message == ("error: nothing to train: this run starts at mini-epoch 1 (step 4), at or past the schedule's "
+                       "end at step 4 (--epoch_count 1 x --epoch_steps 4); to train on, give a larger --epoch_count or "
+                       "--epoch_steps; to start over, run --train_stage 1"), message
+    assert sorted(os.listdir(proj)) == ["rwkv-0.pth", "rwkv-init.pth"]

@@ -89,3 +89,22 @@ def test_streamed_run_counts_its_own_mini_epoch(tmp_path):
                     "0 6.100000 445.8578 0.00100000 2025-03-01 10:30:00.1 0\n"
                     "1 5.200000 181.2722 0.00090000 2025-03-01 10:40:00.1 1\n")
     assert plot.parse_log(str(path))["tokens"] == [50 * 8 * 2 * 128, 2 * 50 * 8 * 2 * 128]
+
+
+def test_short_run_is_readable_beside_the_reference(tmp_path, monkeypatch):
+    """The offline demo's four mini-epochs (0.2 M tokens) span a readable stretch of the token axis beside the
+    reference's 250 M, not a vertical line at 0."""
+    path = tmp_path / "demo" / "train_log.txt"
+    path.parent.mkdir()
+    path.write_text("NEW RUN 2025-03-01-10-00-00\n"
+                    "{'data_type': 'jsonl', 'ctx_len': 128, 'epoch_steps': 50, 'micro_bsz': 8}\n" +
+                    "".join(f"{e} {loss:.6f} 1.0 0.00100000 2025-03-01 10:3{e}:00.1 {e}\n"
+                            for e, loss in enumerate((7.6, 5.6, 5.3, 5.1))))
+    monkeypatch.setattr(plot.plt, "close", lambda fig: None)   # keep the figure to measure where the curves lie
+    curves = plot.plot([str(path)], str(tmp_path / "curve.png"))
+    ax = plot.plt.gcf().axes[0]
+    for curve in curves:
+        x = ax.transData.transform(list(zip(curve["tokens"], curve["loss"])))[:, 0] - ax.bbox.x0
+        assert x.min() >= 0 and x.max() <= ax.bbox.width, curve["label"]
+        assert x.max() - x.min() > 0.1 * ax.bbox.width, curve["label"]
+    plot.plt.close("all")

@@ -1,4 +1,5 @@
 """train.py end to end on CPU (docs/RECIPE.md sections 6 and 8) and the LR schedule against the spec's formula."""
+import itertools
 import math
 import os
 import re
@@ -8,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from src.config import ConfigError, build_config
+from src.config import ConfigError, build_config, check_schedule
 from src.train.evaluate import load_token_stream, val_loss
 from src.train.callbacks import lr_schedule, saves_checkpoint
 from tools.generate import load_model
@@ -49,6 +50,37 @@ def test_lr_schedule_matches_spec(exit_tokens, epoch_begin):
         # the MiniPile horizon: progress reaches 1 at 1498226207 / (512 * 16) = 182888.9 steps
         assert lr_schedule(cfg, 182888)[1] < 1 <= lr_schedule(cfg, 182889)[1]
     assert lr_schedule(cfg, 10**7)[0] == pytest.approx(6e-5)
+
+
+def test_schedule_check_refuses_exactly_the_runs_that_would_not_train_past_their_warmup():
+    """check_schedule against what lr_schedule does: TrainCallback stops before the first step at progress 1. A
+    warmup as long as the run divides by zero; a longer one ends the run at step 0; a resume past the horizon with a
+    long warmup never ends."""
+    def trained_steps(cfg, limit=100):
+        step = 0
+        while lr_schedule(cfg, step)[1] < 1:
+            step += 1
+            if step > limit:
+                return None
+        return step
+
+    refused = 0
+    for warmup, epoch_begin, exit_tokens in itertools.product(range(12), range(4), (0, 5 * 32, 5 * 32 + 1, 9 * 32)):
+        cfg = build_config(dict(data_type="jsonl", ctx_len=16, micro_bsz=2, epoch_steps=4, epoch_count=2,
+                                warmup_steps=warmup, epoch_begin=epoch_begin, my_exit_tokens=exit_tokens))
+        try:
+            steps = trained_steps(cfg)
+            trains_past_warmup = steps is not None and steps > warmup
+        except ZeroDivisionError:
+            trains_past_warmup = False
+        try:
+            check_schedule(cfg)
+        except ConfigError:
+            refused += 1
+            assert not trains_past_warmup, (warmup, epoch_begin, exit_tokens)
+        else:
+            assert trains_past_warmup, (warmup, epoch_begin, exit_tokens)
+    assert 0 < refused < 12 * 4 * 4
 
 
 BSZ = 5040   # 40320 / 5040 = 8 steps per mini-epoch

@@ -22,6 +22,7 @@ from src.engine.fast_path import FastPathMismatch, apply_fast_path  # noqa: E402
 from src.train.checkpoint import CheckpointError  # noqa: E402
 from src.train.evaluate import lambada, load_token_stream, val_loss  # noqa: E402
 from src.data.tokenizer import RWKVTokenizer  # noqa: E402
+from src.engine.threads import use_cpu_threads  # noqa: E402
 from tools.generate import load_model  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,6 +47,7 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; use --device cpu")
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    use_cpu_threads(args.device)
 
     try:
         # on CUDA the fast path's twins (the wkv7 kernel first), each checked against the model

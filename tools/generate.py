@@ -16,6 +16,7 @@ from src.train.checkpoint import CheckpointError, load_state_dict, model_shape, 
 from src.config import ModelConfig  # noqa: E402
 from src.model import RWKV  # noqa: E402
 from src.data.tokenizer import RWKVTokenizer  # noqa: E402
+from src.engine.threads import use_cpu_threads  # noqa: E402
 
 DEFAULT_PROJ_DIR = "out/L18-D1024-x070"   # the 0.36B Pile recipe
 
@@ -88,6 +89,7 @@ def main(argv=None):
     parser.add_argument("--vocab", default=None, help="vocab file (default: rwkv_vocab_v20230424.txt)")
     args = parser.parse_args(argv)
 
+    use_cpu_threads(args.device)
     try:
         path = args.model or newest_checkpoint(DEFAULT_PROJ_DIR)
         model = load_model(path, args.device)

@@ -1,4 +1,4 @@
-"""Plot loss against tokens seen for one or more train_log.txt files, with the reference MiniPile curve.
+"""Plot loss against tokens seen (log scale) for one or more train_log.txt files, with the reference MiniPile curve.
 
     python tools/plot.py out/L12-D768-x070/train_log.txt [more/train_log.txt ...] --out curve.png
 
@@ -17,9 +17,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-MINI_EPOCH_SAMPLES = 40320   # samples per mini-epoch (src/data/dataset.py; not imported: it pulls in torch)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from src.config import MINI_EPOCH_SAMPLES  # noqa: E402  (src.config imports no torch)
+
 # docs/RECIPE.md section 9: the reference trainer's MiniPile run (L12-D768, ctx 512), mini-epochs 0..11
 REFERENCE_CTX_LEN = 512
 REFERENCE_LOSSES = [4.875856, 4.028621, 3.801625, 3.663070, 3.578974, 3.510906, 3.462345, 3.412196, 3.376724,
@@ -127,8 +129,13 @@ def plot(logs, out, ctx_len=None, title=None):
     for curve in curves:
         ax.plot(curve["tokens"], curve["loss"], curve["linestyle"], marker=".", label=curve["label"],
                 color="gray" if curve["linestyle"] == "--" else None)
+    # tokens on a log scale: a short run (the offline demo's 0.2 M tokens) shows its own curve beside the
+    # reference's 20 M to 250 M instead of a vertical line at 0
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
     ax.xaxis.set_major_formatter(FuncFormatter(token_count))
-    ax.set_xlabel("tokens seen")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("tokens seen (log scale)")
     ax.set_ylabel("mean training loss per mini-epoch")
     ax.set_title(title or "loss against tokens")
     ax.grid(True, alpha=0.3)

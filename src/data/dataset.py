@@ -299,7 +299,6 @@ class JsonlStreamDataset(IterableDataset):
         self.shards = find_shards(paths)
         self.ctx_len, self.micro_bsz, self.epoch_steps, self.seed = ctx_len, micro_bsz, epoch_steps, seed
         self.state_dir = state_dir
-        os.makedirs(state_dir, exist_ok=True)
         self.tokenizer = _shared_tokenizer(vocab_path)  # built here, so forked loader workers share it
         # a saved position only means something for the same shards in the same order
         self.data_key = {"seed": seed, "shards": [[os.path.basename(s), os.path.getsize(s)] for s in self.shards]}
@@ -377,6 +376,8 @@ class JsonlStreamDataset(IterableDataset):
 
     def _save_position(self, name, position):
         path = self._state_path(name, self.real_epoch)
+        # made here, not when the stream is built: a new run's init moves an earlier run's positions aside after that
+        os.makedirs(self.state_dir, exist_ok=True)
         with open(path + ".tmp", "w") as f:
             json.dump({"data": self.data_key, "position": position}, f)
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a file

@@ -10,7 +10,7 @@ import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 
 from src.config import Config
-from src.train.checkpoint import numbered_checkpoints, save_atomic
+from src.train.checkpoint import TRAIN_LOG, numbered_checkpoints, save_atomic
 from src.train.schedule import lr_schedule, saves_checkpoint
 
 
@@ -65,7 +65,7 @@ class TrainCallback(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         if trainer.is_global_zero:
-            self.log_file = open(os.path.join(self.cfg.run.proj_dir, "train_log.txt"), "a")
+            self.log_file = open(os.path.join(self.cfg.run.proj_dir, TRAIN_LOG), "a")
             self.log_file.write(f"NEW RUN {datetime.datetime.now().strftime('%Y-%m-%d-%H-%M-%S')}\n{self.cfg.values()}\n")
             self.log_file.flush()
             if self.cfg.run.wandb:

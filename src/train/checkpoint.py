@@ -11,6 +11,8 @@ PARTIAL_WRITE = re.compile(r"^rwkv-(init|final|\d+)\.pth\.tmp\d+$")   # save_ato
 ZIP_MAGIC = b"PK\x03\x04"   # torch.save writes a zip archive
 PICKLE_MAGIC = b"\x80"        # the older torch.save format (_use_new_zipfile_serialization=False) is a pickle
 STREAM_STATE_DIR = "data_state"   # proj_dir/data_state: where the jsonl stream saves its position per mini-epoch
+TRAIN_LOG = "train_log.txt"
+MOVED_ASIDE = "previous-"   # move_aside's folders: proj_dir/previous-<time>/
 
 
 class CheckpointError(RuntimeError):
@@ -143,14 +145,16 @@ def check_compatible(state_dict, model_state, path, load_partial=False):
 
 
 def move_aside(proj_dir, log=print):
-    """Before a new init: move existing rwkv-*.pth (and the data stream's saved positions, which belong to
-    them) into proj_dir/previous-<time>/ instead of deleting them."""
-    old = [name for name in sorted(os.listdir(proj_dir)) if CHECKPOINT_NAME.match(name) or name == STREAM_STATE_DIR]
+    """Before a new init: move the earlier run's rwkv-*.pth, with what belongs to them (the data stream's saved
+    positions and train_log.txt, which the new run starts afresh), into proj_dir/previous-<time>/ instead of
+    deleting them."""
+    old = [name for name in sorted(os.listdir(proj_dir))
+           if CHECKPOINT_NAME.match(name) or name in (STREAM_STATE_DIR, TRAIN_LOG)]
     if not old:
         return None
-    dest = os.path.join(proj_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
+    dest = os.path.join(proj_dir, time.strftime(f"{MOVED_ASIDE}%Y%m%d-%H%M%S"))
     os.makedirs(dest)
     for name in old:
         os.replace(os.path.join(proj_dir, name), os.path.join(dest, name))
-    log(f"moved {len(old)} earlier checkpoints ({', '.join(old[:4])}{'...' if len(old) > 4 else ''}) to {dest}")
+    log(f"moved the earlier run's {', '.join(old[:4])}{'...' if len(old) > 4 else ''} to {dest}")
     return dest
