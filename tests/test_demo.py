@@ -34,19 +34,20 @@ def demo_run(tmp_path_factory):
 
 
 def test_every_mini_epoch_of_the_demo_reads_a_mix_of_files(tmp_path):
-    """What each loader worker reads in each of the demo's four 50-step mini-epochs. Sorted by path, one worker read
-    _pydecimal.py alone in mini-epochs 1 and 2 and _sysconfigdata_*.py (the build's compiler flags, at a loss of 7.9
+    """What each loader worker reads in each of the demo's four 35-step mini-epochs (CPU: 8 x 64 tokens). Sorted by
+    path, one worker read _pydecimal.py alone in mini-epochs 1 and 2 and _sysconfigdata_*.py (the build's compiler flags, at a loss of 7.9
     where code was at 5) in most of mini-epoch 3, whose loss rose above mini-epoch 2's."""
     data = tmp_path / "data"
     demo_tool.write_stdlib_shard(str(data / "stdlib.jsonl"), 8e6)
     files = [json.loads(line)["meta"]["file"] for line in open(data / "stdlib.jsonl")]
-    dataset = JsonlStreamDataset(str(data), 128, 8, 50, 0, str(tmp_path / "state"))
-    windows_per_epoch = 50 // STREAM_WORKERS * 8
+    dataset = JsonlStreamDataset(str(data), 64, 8, 35, 0, str(tmp_path / "state"))
+    windows_per_epoch = 35 // STREAM_WORKERS * 8
     for worker in range(STREAM_WORKERS):
         windows = dataset._windows(worker, STREAM_WORKERS, None, DataProblems())
         for epoch in range(4):
             read = Counter(files[next(windows)[1]["line"]] for _ in range(windows_per_epoch))
-            assert max(read.values()) < windows_per_epoch / 2, (worker, epoch, read.most_common(3))
+            # several files, none most of it (a file may be up to 32 kB, about as much as a worker's mini-epoch)
+            assert len(read) >= 3 and max(read.values()) < 0.6 * windows_per_epoch, (worker, epoch, read.most_common(3))
 
 
 def test_offline_demo_loss_falls_every_mini_epoch_and_it_samples(demo_run):

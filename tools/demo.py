@@ -2,7 +2,12 @@
 
 It runs the recipe's own path: write the data as a .jsonl shard, `train.py --train_stage 1` (init),
 `train.py --train_stage 3` (streamed jsonl training, the loss falls in the progress bar and train_log.txt),
-then `tools/generate.py` for a sample. A few minutes on 2 CPU cores; it uses the GPU when there is one.
+then `tools/generate.py` for a sample. About 3 minutes on an idle 2-core CPU, which train.py uses with one thread
+(src/engine/threads.py; --threads to choose); it uses the GPU when there is one.
+
+A rerun starts afresh: stage 1 moves the last run (its checkpoints, train_log.txt and stream positions) to
+PROJ_DIR/previous-<time>/, after the demo has deleted the runs moved there before, so that PROJ_DIR holds this run
+and the one before it.
 
     python tools/demo.py
 """
@@ -81,9 +86,9 @@ def main(argv=None):
     parser.add_argument("--proj_dir", default="out/demo")
     parser.add_argument("--n_layer", type=int, default=4 if gpu else 2)
     parser.add_argument("--n_embd", type=int, default=256 if gpu else 128)
-    parser.add_argument("--ctx_len", type=int, default=256 if gpu else 128)
+    parser.add_argument("--ctx_len", type=int, default=256 if gpu else 64)
     parser.add_argument("--micro_bsz", type=int, default=16 if gpu else 8)
-    parser.add_argument("--epoch_steps", type=int, default=50, help="steps per mini-epoch")
+    parser.add_argument("--epoch_steps", type=int, default=35, help="steps per mini-epoch")
     parser.add_argument("--epoch_count", type=int, default=4, help="mini-epochs")
     parser.add_argument("--warmup_steps", type=int, default=10, help="steps of LR warmup, fewer than the run's")
     parser.add_argument("--data_mb", type=float, default=8.0, help="MB of sources to train on")

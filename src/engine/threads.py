@@ -1,9 +1,10 @@
 """How many threads torch computes with on CPU. torch's default, one per core, stalls as soon as anything else
 runs: every operation ends when its slowest thread does, and a thread whose core is taken (by the data loader's
-workers, another process) holds up all the others for a scheduler slice, at every operation. On a 2-core machine
-(s/step of train.py, 1 against 2 threads) that costs 2 to 4 times the time under another process's load (the
-offline demo's L2-D128 4.9 against 8.8, L4-D256 ctx 256 10.1 against 41.2), where the second thread gains
-1.3 to 1.6 times on an idle machine (3.0 against 1.9, 8.1 against 5.0)."""
+workers, another process) holds up all the others for a scheduler slice, at every operation. Measured on a 2-core
+machine, s/step of train.py with 1 against 2 threads: the offline demo (L2-D128, 8 x 128 tokens) 1.9 against 1.2
+idle but 14 with 2 threads while another process ran; L4-D256 at 8 x 256 tokens 8.1 against 5.0 idle, 10.1 against
+41.2 beside other processes: a core left idle costs up to 1.6 times the time, a core shared 2 to 12 times.
+"""
 import os
 
 import torch
