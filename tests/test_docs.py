@@ -2,7 +2,6 @@
 section heading `## N.` there, and no citation names another RECIPE.md."""
 import os
 import re
-import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CITED_SECTIONS = re.compile(r"\bsections? (\d+(?:(?:, | and )\d+)*)")
@@ -14,16 +13,20 @@ def recipe_sections():
 
 
 def citing_lines():
-    """(file:line, text) of every line of a tracked file that names RECIPE.md, docs/RECIPE.md and this test
-    excluded."""
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if name in ("docs/RECIPE.md", "tests/test_docs.py") or not name.endswith((".py", ".sh", ".md", ".cu", ".cuh", ".cpp", ".h", "run")):
-            continue
-        with open(os.path.join(ROOT, name), encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                if "RECIPE.md" in line:
-                    yield f"{name}:{number}", line
+    """(file:line, text) of every line of the repository's code, scripts and docs that names RECIPE.md, docs/RECIPE.md
+    and this test excluded (walked from the folder, which may be a bare copy without git)."""
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("out", "data", "__pycache__")] \
+            if folder == ROOT else [d for d in dirs if d != "__pycache__"]
+        for file in files:
+            name = os.path.relpath(os.path.join(folder, file), ROOT)
+            if name in ("docs/RECIPE.md", "tests/test_docs.py") or \
+                    not name.endswith((".py", ".sh", ".md", ".cu", ".cuh", ".cpp", ".h")):
+                continue
+            with open(os.path.join(ROOT, name), encoding="utf-8", errors="replace") as f:
+                for number, line in enumerate(f, 1):
+                    if "RECIPE.md" in line:
+                        yield f"{name}:{number}", line
 
 
 def test_every_recipe_citation_resolves():
