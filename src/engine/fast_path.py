@@ -29,7 +29,7 @@ from src.config import PerfConfig
 from src.engine.cuda_graph import GraphedFunction
 from src.kernels.head_loss import head_loss_chunked
 from src.kernels.layer_norm import layer_norm_triton
-from src.kernels.token_shift import token_shift_mixes
+from src.kernels.token_shift import token_shift_mix, token_shift_mixes
 from src.kernels.wkv7 import wkv7_cuda
 from src.model.rwkv7 import RWKV, ChannelMix, TimeMix
 
@@ -39,10 +39,6 @@ class FastPathMismatch(RuntimeError):
 
 
 # ---- the twins -------------------------------------------------------------------------------------------------
-
-def _token_shift_mix(x, x_prev, mu):
-    return token_shift_mixes(x, x_prev, mu)[0]
-
 
 def _layer_norm(ln, x):
     return layer_norm_triton(x, ln.weight, ln.bias, ln.eps)
@@ -95,7 +91,7 @@ class Twin:
 
 TRITON_TWINS = (
     Twin(TimeMix, "shift_mixes", token_shift_mixes, "src/kernels/token_shift.py token_shift_mixes", _sample_mixes(6), 1e-4),
-    Twin(ChannelMix, "shift_mix", _token_shift_mix, "src/kernels/token_shift.py token_shift_mixes", _sample_mixes(1), 1e-4),
+    Twin(ChannelMix, "shift_mix", token_shift_mix, "src/kernels/token_shift.py token_shift_mixes", _sample_mixes(1), 1e-4),
     Twin(nn.LayerNorm, "forward", _layer_norm, "src/kernels/layer_norm.py layer_norm_triton", _sample_layer_norm, 1e-4),
     Twin(RWKV, "head_loss", head_loss_chunked, "src/kernels/head_loss.py head_loss_chunked", _sample_head_loss, 1e-4),
 )
