@@ -2,6 +2,7 @@
 newest checkpoint in --proj_dir (and resumes after a stop). README.md and demo-training-*.sh give whole recipes."""
 import argparse
 import os
+from dataclasses import dataclass
 import sys
 import time
 
@@ -84,20 +85,50 @@ def is_other_rank():
     return int(os.environ.get("LOCAL_RANK", 0)) > 0 or int(os.environ.get("NODE_RANK", 0)) > 0
 
 
+@dataclass
+class Start:
+    """What a run starts from: the weights (`path`, and its tensors, or None for the init that prepare writes), the
+    rwkv-<n>.pth's n for a weights-only resume (-1: rwkv-init.pth), and the full state of an exact resume."""
+    path: str = None
+    state_dict: dict = None
+    resumed_epoch: int = None
+    resume: object = None   # src.train.full_state.Resume
+
+
 def start_point(flags):
-    """(resumed_epoch, path, state_dict) of the weights this run starts from: for --train_stage 2 and up the newest
-    readable rwkv-<n>.pth (rwkv-init.pth is n = -1; path None when there is none yet, which prepare reports after
-    the data checks), else --load_model (resumed_epoch None), else the init that prepare writes (state_dict None)."""
+    """For --train_stage 2 and up: the newest complete full state (--resume_state 1) unless a newer rwkv-<n>.pth
+    exists, else the newest readable rwkv-<n>.pth (rwkv-init.pth is n = -1; path None when there is none yet, which
+    prepare reports after the data checks). Else --load_model, else the init that prepare writes."""
+    from src.train import full_state
     from src.train.checkpoint import load_newest, load_state_dict, numbered_checkpoints
-    if flags["train_stage"] >= 2:
-        if not numbered_checkpoints(flags["proj_dir"]):
-            return None, None, None
-        n, path, state_dict = load_newest(flags["proj_dir"])
-        print(f"resuming from {path}: mini-epoch {n + 1} is next")
-        return n, path, state_dict
-    if flags["load_model"]:
-        return None, flags["load_model"], load_state_dict(flags["load_model"])
-    return None, os.path.join(flags["proj_dir"], "rwkv-init.pth"), None
+    proj_dir = flags["proj_dir"]
+    if flags["train_stage"] < 2:
+        if flags["load_model"]:
+            return Start(flags["load_model"], load_state_dict(flags["load_model"]))
+        return Start(os.path.join(proj_dir, "rwkv-init.pth"))
+    weights = numbered_checkpoints(proj_dir)
+    log = print if not is_other_rank() else (lambda _: None)
+    if not is_other_rank():
+        full_state.remove_leftovers(proj_dir, log)
+    for folder, manifest in full_state.checked_states(proj_dir, log) if flags["resume_state"] else ():
+        if weights and (manifest["epoch"], manifest["step_in_epoch"]) < (weights[0][0] + 1, 0):
+            print(f"the full state {folder} is older than {weights[0][1]}: resuming from that file instead")
+            break
+        try:
+            resume = full_state.Resume(folder, manifest)
+        except full_state.StateError as e:
+            log(f"WARNING: skipping the full state {folder}: {e}")
+            continue
+        print(f"resuming from the full state {folder}: mini-epoch {manifest['epoch']}, its step "
+              f"{manifest['step_in_epoch']} is next, with the optimizer's moments, the data position and the RNG "
+              f"states (no warmup again)")
+        return Start(folder, resume.weights["model"], resume=resume)
+    if not weights:
+        return Start()
+    n, path, state_dict = load_newest(proj_dir)
+    print(f"resuming from {path}: mini-epoch {n + 1} is next (weights only: Adam starts afresh"
+          f"{', with a warmup' if n >= 0 else ''})")
+    return Start(path, state_dict, resumed_epoch=n)
 
 
 def build_trainer(cfg: Config, callbacks, max_steps=-1):
@@ -156,30 +187,39 @@ def check_accelerator(flags):
 
 def prepare(flags):
     """The run's configuration and every check that needs no model: flags, data, the schedule, the start
-    checkpoint's readability and shapes; a new run's init is written here, after the data checks."""
+    checkpoint's readability and shapes (a full state's flags too); a new run's init is written here, after the data
+    checks. Returns (cfg, dataset, val_tokens, Start)."""
     import torch
+    from src.config import ResumedState
     from src.model import RWKV
     from src.train.checkpoint import check_compatible, nothing_to_resume
+    from src.train.full_state import check_state_fits
     check_flags(flags)
     check_accelerator(flags)
-    resumed_epoch, start_path, state_dict = start_point(flags)
-    cfg = build_config(flags, resumed_epoch)
+    start = start_point(flags)
+    resumed_state = None
+    if start.resume is not None:
+        m = start.resume.manifest
+        resumed_state = ResumedState(m["epoch"], m["step_in_epoch"], m["run_epoch_begin"], m["warmup_steps"])
+    cfg = build_config(flags, start.resumed_epoch, resumed_state)
+    if start.resume is not None:
+        check_state_fits(start.resume.folder, start.resume.manifest, cfg.values())
     os.makedirs(cfg.run.proj_dir, exist_ok=True)
     dataset = build_dataset(cfg)
     val_tokens = None
     if cfg.data.val_data:
         from src.train.evaluate import load_token_stream
         val_tokens = load_token_stream(cfg.data.val_data, max_tokens=cfg.data.val_tokens)
-    if start_path is None:
+    if start.path is None:
         raise nothing_to_resume(cfg.run.proj_dir)
     check_schedule(cfg)
-    if state_dict is None and resumed_epoch is None and not is_other_rank():
+    if start.state_dict is None and not is_other_rank():
         write_init(cfg)   # rank 0 writes the init before it starts the other ranks, which read it
-    if state_dict is not None:
+    if start.state_dict is not None:
         with torch.device("meta"):   # shapes only: no memory, no init work
             expected = RWKV(cfg.model).state_dict()
-        check_compatible(state_dict, expected, start_path, cfg.run.load_partial == 1)
-    return cfg, dataset, val_tokens, start_path, state_dict
+        check_compatible(start.state_dict, expected, start.path, cfg.run.load_partial == 1)
+    return cfg, dataset, val_tokens, start
 
 
 def build_model(cfg: Config, start_path, state_dict):
@@ -232,26 +272,28 @@ def main(argv=None):
             os.makedirs(cfg.run.proj_dir, exist_ok=True)
             write_init(cfg)
             return
-        cfg, dataset, val_tokens, start_path, state_dict = prepare(flags)
+        cfg, dataset, val_tokens, start = prepare(flags)
     except (ConfigError, ValueError, RuntimeError, OSError) as e:
         sys.exit(f"error: {e}")
     from src.engine.fast_path import FastPathMismatch
     from src.train.callbacks import TrainCallback, TrainingDiverged
     from src.train.checkpoint import CheckpointError
+    from src.train.full_state import StateError
     try:
-        module = training_module(cfg, build_model(cfg, start_path, state_dict))
+        module = training_module(cfg, build_model(cfg, start.path, start.state_dict))
     except FastPathMismatch as e:
         sys.exit(f"error: {e}")
-    del state_dict
-    print(f"training L{cfg.model.n_layer}-D{cfg.model.n_embd} from {start_path}: mini-epochs of "
+    start.state_dict = None
+    print(f"training L{cfg.model.n_layer}-D{cfg.model.n_embd} from {start.path}: mini-epochs of "
           f"{cfg.data.epoch_steps} steps x {cfg.real_bsz} x {cfg.data.ctx_len} tokens, starting at mini-epoch "
-          f"{cfg.optim.epoch_begin}" + (f", {threads} CPU thread{'s' * (threads > 1)}" if threads else ""))
-    start = time.time()
+          f"{cfg.optim.epoch_begin}" + (f" step {cfg.optim.step_begin}" if cfg.optim.step_begin else "") +
+          (f", {threads} CPU thread{'s' * (threads > 1)}" if threads else ""))
+    began = time.time()
     try:
-        fit(cfg, module, dataset, [TrainCallback(cfg, dataset, val_tokens)])
-    except (TrainingDiverged, CheckpointError) as e:
+        fit(cfg, module, dataset, [TrainCallback(cfg, dataset, val_tokens, start.resume)])
+    except (TrainingDiverged, CheckpointError, StateError) as e:
         sys.exit(f"error: {e}")
-    print(f"done in {time.time() - start:.0f} s")
+    print(f"done in {time.time() - began:.0f} s")
 
 
 if __name__ == "__main__":

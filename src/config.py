@@ -120,6 +120,10 @@ class OptimConfig:
     my_exit_tokens: int = flag(0, "optimizer and schedule", "tokens at which the cosine decay ends and the run "
                                "writes rwkv-final.pth (tools/magic_prime.py prints it); 0: after --epoch_count "
                                "mini-epochs")
+    step_begin: int = derived(0, "steps of mini-epoch epoch_begin trained before this run: a full-state resume "
+                              "continues inside a mini-epoch")
+    run_epoch_begin: int = derived(0, "the mini-epoch where the warmup and the epoch_save count began: epoch_begin, "
+                                   "or the interrupted run's for a full-state resume")
     optimizer: str = derived("torch", "DeepSpeed's FusedAdam under DeepSpeed ('fused'), DeepSpeedCPUAdam with "
                              "optimizer offload ('cpu_adam'), else torch's Adam / AdamW ('torch')")
 
@@ -165,6 +169,14 @@ class RunConfig:
                             "(shard order of seed 0)")
     epoch_save: int = flag(5, "checkpoints and logs", "write rwkv-<n>.pth every this many mini-epochs of a run "
                            "(and after the schedule's last one)")
+    save_every_steps: int = flag(0, "checkpoints and logs", "also write a full state (weights, optimizer, data "
+                                 "position, RNG: proj_dir/states/) every this many steps; 0: by time only")
+    save_every_minutes: float = flag(30.0, "checkpoints and logs", "write a full state when this many minutes have "
+                                     "passed since the last one (or the run's start); 0: by steps only")
+    keep_states: int = flag(2, "checkpoints and logs", "full states kept in proj_dir/states (older ones are removed)")
+    resume_state: int = flag(1, "checkpoints and logs", "1: --train_stage 2 and up continue from the newest full "
+                             "state at its exact step when it is newer than the newest rwkv-<n>.pth; 0: from "
+                             "rwkv-<n>.pth only, as the reference (Adam restarts, warmup again)")
     train_stage: int = flag(0, "checkpoints and logs", "0: train from --load_model or a new init; 1: write "
                             "--proj_dir/rwkv-init.pth and exit; 2 and up: resume from the newest checkpoint there")
     load_partial: int = flag(0, "checkpoints and logs", "1: a --load_model file may lack tensors, which keep "
@@ -213,6 +225,16 @@ class Config:
         o = self.optim
         return o.my_exit_tokens if o.my_exit_tokens > 0 else o.epoch_count * self.data.epoch_steps * self.tokens_per_step
 
+    @property
+    def first_step(self) -> int:
+        """The step (counted from the schedule's start) that this run trains first."""
+        return self.optim.epoch_begin * self.data.epoch_steps + self.optim.step_begin
+
+    @property
+    def warmup_start(self) -> int:
+        """The step where this run's warmup began (earlier than first_step after a full-state resume)."""
+        return self.optim.run_epoch_begin * self.data.epoch_steps
+
     def values(self) -> dict:
         """Every field by name, the derived ones as derived: the run's arguments in train_log.txt."""
         return {f.name: getattr(section, f.name) for section in (getattr(self, s) for s in SECTIONS)
@@ -236,9 +258,12 @@ def check_flags(values: dict):
     if v.ctx_len < 16 or v.ctx_len % 16 != 0:
         fix = max(16, round(v.ctx_len / 16) * 16)
         raise ConfigError(f"--ctx_len {v.ctx_len} must be a positive multiple of 16 (the kernel's chunk); try --ctx_len {fix}")
-    for flag in ("micro_bsz", "devices", "num_nodes", "epoch_save", "head_size"):
+    for flag in ("micro_bsz", "devices", "num_nodes", "epoch_save", "head_size", "keep_states"):
         if getattr(v, flag) < 1:
             raise ConfigError(f"--{flag} {getattr(v, flag)} must be at least 1")
+    if v.save_every_steps < 0 or v.save_every_minutes < 0:
+        raise ConfigError(f"--save_every_steps {v.save_every_steps} and --save_every_minutes {v.save_every_minutes} "
+                          "must be >= 0 (0 turns that trigger off)")
     if v.threads < 0:
         raise ConfigError(f"--threads {v.threads} must be >= 0 (0: automatic, src/engine/threads.py)")
     if v.epoch_begin < 0:
@@ -260,12 +285,23 @@ def check_flags(values: dict):
         raise ConfigError(f"--epoch_steps {v.epoch_steps}: the jsonl stream needs --epoch_steps >= 1")
 
 
-def build_config(flags=None, resumed_epoch=None) -> Config:
+@dataclass(frozen=True)
+class ResumedState:
+    """Where a full state (src/train/full_state.py) was saved: this run continues there exactly."""
+    epoch: int             # the mini-epoch it was saved in
+    step: int              # steps of that mini-epoch already trained
+    run_epoch_begin: int   # the interrupted run's first mini-epoch (its warmup and epoch_save count start there)
+    warmup_steps: int      # the interrupted run's warmup
+
+
+def build_config(flags=None, resumed_epoch=None, resumed_state: ResumedState = None) -> Config:
     """The run's configuration from train.py's flags (name -> value; missing ones take their defaults), checked, with
     every derived value:
     - binidx data: epoch_steps = 40320 // real batch and epoch_count = magic_prime // 40320 (docs/RECIPE.md 7);
     - resumed_epoch, the n of the rwkv-<n>.pth a --train_stage >= 2 run starts from (-1: rwkv-init.pth; None for a
       run that resumes nothing): epoch_begin = n + 1, and --warmup_steps -1 becomes 10 when n >= 0, else 0;
+    - resumed_state, a full state's position: epoch_begin, step_begin, run_epoch_begin and warmup_steps continue
+      the interrupted run's;
     - the optimizer (DeepSpeed's FusedAdam / DeepSpeedCPUAdam, or torch's), CUDA graphs off under ZeRO-3 (it gathers
       each parameter into new memory at every use: nothing for a recorded graph to read), DeepSpeed's checkpointing
       where the blocks run eagerly under DeepSpeed; CUDA graphs and compiled blocks only on the fused path;
@@ -287,11 +323,16 @@ def build_config(flags=None, resumed_epoch=None) -> Config:
         if resumed_epoch >= 0 and v.warmup_steps < 0:
             values["warmup_steps"] = 10
     values["warmup_steps"] = max(values["warmup_steps"], 0)
+    values["step_begin"], values["run_epoch_begin"] = 0, values["epoch_begin"]
+    if resumed_state is not None:
+        values.update(epoch_begin=resumed_state.epoch, step_begin=resumed_state.step,
+                      run_epoch_begin=resumed_state.run_epoch_begin, warmup_steps=resumed_state.warmup_steps)
     if v.strategy == "deepspeed_stage_3":
         values["cuda_graph"] = 0
     derived_values = {
         "optimizer": ("cpu_adam" if "offload" in v.strategy else "fused") if deepspeed else "torch",
         "deepspeed_checkpointing": deepspeed and v.accelerator != "cpu" and not values["cuda_graph"],
+        "step_begin": values["step_begin"], "run_epoch_begin": values["run_epoch_begin"],
     }
     if not v.fused:   # the plain path runs the model's functions as they are: no graphs, no blocks compiled whole
         values["cuda_graph"] = values["compile_blocks"] = 0
@@ -320,12 +361,12 @@ def check_schedule(cfg: Config):
     else:
         horizon = f"--epoch_count {o.epoch_count} x --epoch_steps {d.epoch_steps}"
         more = "a larger --epoch_count or --epoch_steps"
-    steps = horizon_step - o.epoch_begin * d.epoch_steps
+    steps = horizon_step - cfg.first_step
     if steps <= 0:
         raise ConfigError(f"nothing to train: this run starts at mini-epoch {o.epoch_begin} (step "
-                          f"{o.epoch_begin * d.epoch_steps}), at or past the schedule's end at step {horizon_step} "
+                          f"{cfg.first_step}), at or past the schedule's end at step {horizon_step} "
                           f"({horizon}); to train on, give {more}; to start over, run --train_stage 1")
-    if steps <= o.warmup_steps:
+    if steps <= o.warmup_steps - (cfg.first_step - cfg.warmup_start):
         raise ConfigError(f"--warmup_steps {o.warmup_steps} is not shorter than this run's {steps} steps (the "
                           f"schedule ends at step {horizon_step}: {horizon}); the warmup must end before the run "
                           f"does: use --warmup_steps {steps // 10} or {more}")

@@ -54,7 +54,7 @@ def write_numbered_shards(folder, lines):
 
 def windows(batches):
     """The windows of ctx_len + 1 tokens of (x, y) batches (y is x shifted by one)."""
-    for x, y in batches:
+    for x, y, *_ in batches:
         assert x.dtype == y.dtype == torch.int64 and torch.equal(x[:, 1:], y[:, :-1])
         yield from torch.cat([x, y[:, -1:]], dim=1).tolist()
 

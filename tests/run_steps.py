@@ -24,7 +24,7 @@ class BatchRecorder(pl.Callback):
         self.folder, self.batches = folder, []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.batches.append(tuple(t.cpu() for t in batch))
+        self.batches.append(tuple(t.cpu() for t in batch[:2]))   # the stream's third: positions
 
     def on_train_end(self, trainer, pl_module):
         os.makedirs(self.folder, exist_ok=True)
@@ -47,11 +47,11 @@ def main():
     parser.add_argument("--batches_out")
     args, train_argv = parser.parse_known_args()
     flags = train.parse_flags([a for a in train_argv if a != "--"])
-    cfg, dataset, val_tokens, start_path, state_dict = train.prepare(flags)
-    model = train.build_model(cfg, start_path, state_dict)
+    cfg, dataset, val_tokens, start = train.prepare(flags)
+    model = train.build_model(cfg, start.path, start.state_dict)
     module = train.training_module(cfg, model)
     recorder = LossRecorder()
-    callbacks = [TrainCallback(cfg, dataset, val_tokens), recorder]
+    callbacks = [TrainCallback(cfg, dataset, val_tokens, start.resume), recorder]
     if args.batches_out:
         callbacks.append(BatchRecorder(args.batches_out))
     trainer = train.fit(cfg, module, dataset, callbacks, max_steps=args.steps)

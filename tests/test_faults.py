@@ -50,9 +50,11 @@ def newest(proj):
 
 
 def test_sigkill_at_random_moments_then_resume(shard_dir, tmp_path):
+    """The reference's weights-only resume (--resume_state 0; the full states: tests/test_resume.py): each restart
+    continues at the mini-epoch after the newest rwkv-<n>.pth, the stream where that mini-epoch ended."""
     proj, epochs, rng = tmp_path / "run", 6, random.Random(1)
     subprocess.run(stream_cmd(proj, shard_dir, epochs, "--train_stage", "1"), check=True, capture_output=True)
-    cmd = stream_cmd(proj, shard_dir, epochs, "--train_stage", "3")
+    cmd = stream_cmd(proj, shard_dir, epochs, "--train_stage", "3", "--resume_state", "0")
     resumed_from = []
     for attempt in range(3):
         before = newest(proj)

@@ -34,12 +34,41 @@ def make_dataset(paths, state_dir, seed=0, ctx_len=CTX, micro_bsz=MICRO, epoch_s
     return JsonlStreamDataset(paths, ctx_len, micro_bsz, epoch_steps, seed, str(state_dir))
 
 
-def serve(dataset, epoch, rank=0, world_size=1, num_workers=WORKERS):
-    """One mini-epoch of one rank as the trainer reads it: a fresh DataLoader after setting the attributes."""
+def serve(dataset, epoch, rank=0, world_size=1, num_workers=WORKERS, positions=False):
+    """One mini-epoch of one rank as the trainer reads it: a fresh DataLoader after setting the attributes; with
+    positions, each batch's reader positions too."""
     dataset.real_epoch, dataset.global_rank, dataset.world_size = epoch, rank, world_size
     loader = DataLoader(dataset, batch_size=dataset.micro_bsz, shuffle=False, drop_last=True,
                         num_workers=num_workers, persistent_workers=False)
-    return [(x.clone(), y.clone()) for x, y in loader]
+    return [(x.clone(), y.clone(), *([p] if positions else [])) for x, y, p in loader]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_resume_inside_a_mini_epoch_at_the_exact_document_and_window(tmp_path, shards, workers):
+    """A full state saved after any batch S of a mini-epoch holds each reader's position after its last batch (the
+    third element of the batch); a new loader given S and those positions serves exactly batches S, S + 1, ... of
+    the uninterrupted mini-epoch, whose end positions it saves as the uninterrupted loader did."""
+    folder, _ = shards
+    dataset = make_dataset(folder, tmp_path / "state")
+    serve(dataset, 0, 1, RANKS, workers)
+    continuous = serve(dataset, 1, 1, RANKS, workers, positions=True)   # starts from mini-epoch 0's saved end
+    ends = {name: open(tmp_path / "state" / name).read() for name in os.listdir(tmp_path / "state")}
+    for start in (1, 2, 5, STEPS - 1):
+        state = tmp_path / f"state{start}"
+        shutil.copytree(tmp_path / "state", state)
+        for name in os.listdir(state):
+            if name.endswith("-after-1.json"):
+                os.remove(state / name)   # the crash came inside mini-epoch 1
+        positions = {}
+        for _, _, batch_positions in continuous[:start]:
+            position = json.loads(batch_positions[-1])
+            positions[position.pop("reader")] = position
+        resumed = make_dataset(folder, state)
+        resumed.resume_at(start, positions)
+        batches = serve(resumed, 1, 1, RANKS, workers, positions=True)
+        assert len(batches) == STEPS - start
+        assert all(torch.equal(a[0], b[0]) and a[2] == b[2] for a, b in zip(batches, continuous[start:]))
+        assert {name: open(state / name).read() for name in os.listdir(state)} == ends
 
 
 def test_two_ranks_two_workers_no_overlap_full_coverage(tmp_path, shards, tokenizer):
@@ -75,7 +104,7 @@ def test_exact_resume_and_replay(tmp_path, shards, capsys):
     samples = list(replayed.samples(1, WORKERS))
     assert "no stream position of rank1of2-worker1of2 after mini-epoch 1" in capsys.readouterr().out
     expected = [x for k, (x, _) in enumerate(continuous[2]) if k % WORKERS == 1]
-    assert torch.equal(torch.stack([x for x, _ in samples]), torch.cat(expected))
+    assert torch.equal(torch.stack([x for x, *_ in samples]), torch.cat(expected))
 
 
 def test_resume_reads_only_from_the_saved_position(tmp_path, shards, monkeypatch):

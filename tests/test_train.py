@@ -112,9 +112,9 @@ def test_checkpoint_rule_saves_the_last_mini_epoch_after_a_resume():
     flags = dict(data_type="jsonl", epoch_count=3, epoch_save=5)
     cfg = build_config(flags)
     assert [saves_checkpoint(cfg, e) for e in range(3)] == [True, False, True]
-    cfg = build_config(flags, resumed_epoch=0)   # after rwkv-0: run epochs 0, 1 are the recipe's 1, 2 (the last)
-    assert [saves_checkpoint(cfg, e) for e in range(2)] == [True, True]
-    assert all(saves_checkpoint(build_config({**flags, "epoch_save": 1}, resumed_epoch=0), e) for e in range(2))
+    cfg = build_config(flags, resumed_epoch=0)   # after rwkv-0: mini-epochs 1 (the run's first) and 2 (the last)
+    assert [saves_checkpoint(cfg, e) for e in (1, 2)] == [True, True]
+    assert all(saves_checkpoint(build_config({**flags, "epoch_save": 1}, resumed_epoch=0), e) for e in (1, 2))
 
 
 def test_config_is_built_once_with_its_derived_values_and_frozen():

@@ -4,6 +4,12 @@ Trainer contract for both datasets: set `real_epoch`, `global_rank` and `world_s
 dataset before each mini-epoch, then build a fresh DataLoader(dataset, batch_size=micro_bsz,
 shuffle=False, drop_last=True, persistent_workers=False) with num_workers=1 for
 BinidxDataset and num_workers=STREAM_WORKERS for JsonlStreamDataset.
+
+A run resumed inside a mini-epoch (a full state, src/train/full_state.py) sets `start_step`, the
+batches of the mini-epoch already trained, before the loader measures its length: the mini-epoch
+then serves exactly the batches start_step, start_step + 1, ... of the uninterrupted run. The stream
+also needs `start_positions`: each loader worker's position after its last batch, which it sends as a
+third element of every sample (a JSON string, so it stays on the host) for the trainer to save.
 """
 
 import functools
@@ -146,11 +152,17 @@ class BinidxDataset(Dataset):
         self.ctx_len, self.magic_prime = ctx_len, magic_prime
         self.micro_bsz, self.epoch_steps = micro_bsz, epoch_steps
         self.real_epoch, self.global_rank, self.world_size = 0, 0, world_size  # set by the trainer
+        self.start_step = 0
 
     def __len__(self):
-        return self.epoch_steps * self.micro_bsz
+        return (self.epoch_steps - self.start_step) * self.micro_bsz
+
+    def resume_at(self, step, positions):
+        """Serve the current mini-epoch from batch `step` on (the magic-prime order needs no reader positions)."""
+        self.start_step = step
 
     def __getitem__(self, idx):
+        idx += self.start_step * self.micro_bsz
         start = sample_start(self.magic_prime, self.ctx_len, self.real_epoch, idx, self.world_size, self.global_rank)
         return _sample(self.data.tokens[start:start + self.ctx_len + 1])
 
@@ -279,6 +291,12 @@ def iter_shard_lines(path, problems):
 # The streaming loader
 
 
+def _batches_served(batches, worker, num_workers):
+    """How many of a mini-epoch's first `batches` batches loader worker `worker` serves (the k-th goes to worker
+    k % num_workers)."""
+    return batches // num_workers + (worker < batches % num_workers)
+
+
 @functools.lru_cache(maxsize=None)
 def _shared_tokenizer(vocab_path):
     return RWKVTokenizer(vocab_path)
@@ -303,27 +321,41 @@ class JsonlStreamDataset(IterableDataset):
         # a saved position only means something for the same shards in the same order
         self.data_key = {"seed": seed, "shards": [[os.path.basename(s), os.path.getsize(s)] for s in self.shards]}
         self.real_epoch, self.global_rank, self.world_size = 0, 0, 1  # set by the trainer
+        self.start_step, self.start_positions = 0, {}
 
     def __len__(self):
-        return self.epoch_steps * self.micro_bsz
+        return (self.epoch_steps - self.start_step) * self.micro_bsz
+
+    def resume_at(self, step, positions):
+        """Serve the current mini-epoch from batch `step` on, each reader from its position after its last batch
+        ({reader name: position}; a reader missing there starts from the end saved after the previous mini-epoch)."""
+        self.start_step, self.start_positions = step, positions
 
     def __iter__(self):
         worker = get_worker_info()
         return self.samples(*((worker.id, worker.num_workers) if worker else (0, 1)))
 
     def samples(self, worker, num_workers):
-        """The (x, y) samples of loader worker `worker` of `num_workers` on this rank in mini-epoch
-        real_epoch: its share of the rank's epoch_steps batches of micro_bsz samples."""
-        batches = self.epoch_steps // num_workers + (worker < self.epoch_steps % num_workers)
-        quota = batches * self.micro_bsz
-        if quota == 0:
-            return
+        """The (x, y, position) samples of loader worker `worker` of `num_workers` on this rank in mini-epoch
+        real_epoch: its share of the rank's epoch_steps batches of micro_bsz samples, from batch start_step on."""
+        # the loader hands batch k to worker k % num_workers: batch start_step + k of the mini-epoch was served by
+        # worker (start_step + k) % num_workers, whose reader this worker continues
+        worker = (worker + self.start_step) % num_workers
+        epoch_quota = _batches_served(self.epoch_steps, worker, num_workers) * self.micro_bsz
+        quota = epoch_quota - _batches_served(self.start_step, worker, num_workers) * self.micro_bsz
         name = f"rank{self.global_rank}of{self.world_size}-worker{worker}of{num_workers}"
-        start_epoch, position = self._resume_point(name)
+        if quota == 0:
+            if name in self.start_positions:   # it served its last batch of the mini-epoch before the save
+                self._save_position(name, self.start_positions[name])
+            return
+        if name in self.start_positions:
+            start_epoch, position = self.real_epoch, self.start_positions[name]
+        else:
+            start_epoch, position = self._resume_point(name)
         problems = DataProblems()
         reader, num_readers = self.global_rank * num_workers + worker, self.world_size * num_workers
         windows = self._windows(reader, num_readers, position, problems)
-        for _ in range((self.real_epoch - start_epoch) * quota):  # replay mini-epochs with no saved end
+        for _ in range((self.real_epoch - start_epoch) * epoch_quota):  # replay mini-epochs with no saved end
             next(windows)
         for n in range(quota):
             window, position = next(windows)
@@ -331,7 +363,7 @@ class JsonlStreamDataset(IterableDataset):
                 self._save_position(name, position)
                 if report := problems.report():
                     print(f"[data] {name} mini-epoch {self.real_epoch}: {report}", flush=True)
-            yield _sample(window)
+            yield (*_sample(window), json.dumps({"reader": name, **position}))
 
     def _windows(self, reader, num_readers, position, problems):
         """Yield (window of ctx_len + 1 tokens, position after it) from `position` on."""

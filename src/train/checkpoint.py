@@ -12,6 +12,7 @@ ZIP_MAGIC = b"PK\x03\x04"   # torch.save writes a zip archive
 PICKLE_MAGIC = b"\x80"        # the older torch.save format (_use_new_zipfile_serialization=False) is a pickle
 STREAM_STATE_DIR = "data_state"   # proj_dir/data_state: where the jsonl stream saves its position per mini-epoch
 TRAIN_LOG = "train_log.txt"
+STATES_DIR = "states"   # proj_dir/states: the full states (src/train/full_state.py)
 MOVED_ASIDE = "previous-"   # move_aside's folders: proj_dir/previous-<time>/
 
 
@@ -146,10 +147,10 @@ def check_compatible(state_dict, model_state, path, load_partial=False):
 
 def move_aside(proj_dir, log=print):
     """Before a new init: move the earlier run's rwkv-*.pth, with what belongs to them (the data stream's saved
-    positions and train_log.txt, which the new run starts afresh), into proj_dir/previous-<time>/ instead of
+    positions, the full states and train_log.txt, which the new run starts afresh), into proj_dir/previous-<time>/ instead of
     deleting them."""
     old = [name for name in sorted(os.listdir(proj_dir))
-           if CHECKPOINT_NAME.match(name) or name in (STREAM_STATE_DIR, TRAIN_LOG)]
+           if CHECKPOINT_NAME.match(name) or name in (STREAM_STATE_DIR, TRAIN_LOG, STATES_DIR)]
     if not old:
         return None
     dest = os.path.join(proj_dir, time.strftime(f"{MOVED_ASIDE}%Y%m%d-%H%M%S"))

@@ -31,7 +31,7 @@ class TrainingModule(pl.LightningModule):
         return -1 if self.trainer.should_stop else None
 
     def training_step(self, batch, batch_idx):
-        idx, targets = batch
+        idx, targets = batch[:2]   # the jsonl stream adds its reader positions (src/data/dataset.py)
         return self.model.loss(idx, targets)
 
     def configure_optimizers(self):
