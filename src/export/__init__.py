@@ -1,0 +1,1 @@
+"""Exports of our checkpoints to other runtimes' formats (src/export/hf.py: Hugging Face / fla)."""
