@@ -70,14 +70,18 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(shard_dir, reference, tmp
     cmd = start_run(proj, reference, stream_cmd(proj, shard_dir, EPOCHS, "--train_stage", 3, "--save_every_steps",
                                                 EVERY))
     rng, plan, killed_in_write, outputs = random.Random(0), ["random", "write", "random"], False, []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}   # what a run printed before its kill reaches its output file
     while plan:
         kind, before = plan.pop(0), newest_step(proj)
+        stale = set(partial_writes(proj))   # a write the last kill cut short: the new run deletes it first
         out_path = tmp_path / f"out{len(outputs)}.txt"
         with open(out_path, "w") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
             deadline = time.time() + 120
             while time.time() < deadline and proc.poll() is None:
-                if (partial_writes(proj) if kind == "write" else newest_step(proj) > before):
+                writing = set(partial_writes(proj))
+                stale &= writing
+                if (writing and not stale) if kind == "write" else newest_step(proj) > before:
                     break
                 time.sleep(0.001 if kind == "write" else 0.02)
             if kind == "random":

@@ -27,12 +27,13 @@ WEIGHTS = "weights.pt"
 DEEPSPEED_TAG = "deepspeed"
 STATE_NAME = re.compile(r"^step-(\d+)$")
 LEFTOVER = re.compile(r"^\.(partial|removing)-step-\d+$")
-# flags that must equal the interrupted run's for its state to continue it exactly; the others (performance,
-# logging, checkpoint cadence) may change between the runs
+# flags that must equal the interrupted run's for its state to continue it: they decide what the next step computes;
+# the schedule's may change (a run extended to a later horizon), with a note; the others (performance, logging,
+# checkpoint cadence) freely
 SAME_FLAGS = ("n_layer", "n_embd", "vocab_size", "head_size", "dim_att", "dim_ffn", "data_file", "data_type", "ctx_len",
-              "micro_bsz", "epoch_steps", "magic_prime", "lr_init", "lr_final", "beta1", "beta2", "adam_eps",
-              "weight_decay", "grad_clip", "layerwise_lr", "epoch_count", "my_exit_tokens", "random_seed",
-              "precision", "devices", "num_nodes", "strategy")
+              "micro_bsz", "epoch_steps", "magic_prime", "beta1", "beta2", "adam_eps", "weight_decay", "grad_clip",
+              "layerwise_lr", "random_seed", "precision", "devices", "num_nodes", "strategy")
+SCHEDULE_FLAGS = ("lr_init", "lr_final", "epoch_count", "my_exit_tokens")
 
 
 class StateError(RuntimeError):
@@ -110,14 +111,18 @@ def load_part(folder, name):
         raise StateError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]})") from e
 
 
-def check_state_fits(folder, manifest, flags):
-    """StateError unless this run's flags are the interrupted run's where they decide what the next step computes."""
+def check_state_fits(folder, manifest, values, log=print):
+    """StateError unless this run's configuration (`values`) is the interrupted run's where it decides what the next
+    step computes; a changed schedule is allowed, and logged."""
     saved = manifest["config"]
-    changed = [f"--{k} {saved[k]} (now {flags[k]})" for k in SAME_FLAGS if saved[k] != flags[k]]
+    changed = [f"--{k} {saved[k]} (now {values[k]})" for k in SAME_FLAGS if saved[k] != values[k]]
     if changed:
         raise StateError(f"the full state {folder} was saved by a run with " + ", ".join(changed) + "; run with "
                          "its flags to continue it exactly, or pass --resume_state 0 to resume from the newest "
                          "rwkv-<n>.pth instead (weights only: Adam restarts and the warmup runs again)")
+    rescheduled = [f"--{k} {values[k]} (was {saved[k]})" for k in SCHEDULE_FLAGS if saved[k] != values[k]]
+    if rescheduled:
+        log(f"continuing the full state {folder} on another LR schedule: " + ", ".join(rescheduled))
 
 
 # ---------------------------------------------------------------------------------------------
