@@ -47,6 +47,8 @@ def main():
     parser.add_argument("--batches_out")
     args, train_argv = parser.parse_known_args()
     flags = train.parse_flags([a for a in train_argv if a != "--"])
+    from src.engine.threads import use_cpu_threads
+    use_cpu_threads(flags["accelerator"], max(flags["threads"], 0), flags["devices"])   # as train.main: same sums
     cfg, dataset, val_tokens, start = train.prepare(flags)
     model = train.build_model(cfg, start.path, start.state_dict)
     module = train.training_module(cfg, model)

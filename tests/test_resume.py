@@ -174,8 +174,10 @@ def test_a_cut_short_or_foreign_state_is_skipped_for_the_one_before(shard_dir, r
     assert start.resume is None and (start.path, start.resumed_epoch) == (os.path.join(proj, "rwkv-2.pth"), 2)
 
 
-def test_a_state_of_other_flags_or_another_gpu_count_is_refused(shard_dir, reference, tmp_path, monkeypatch):  # noqa: F811
-    """Resuming a state needs the flags that decide the next step; the refusal names them and --resume_state 0."""
+def test_a_state_of_other_flags_or_another_gpu_count_is_refused(shard_dir, reference, tmp_path, monkeypatch,  # noqa: F811
+                                                                 capsys):
+    """Resuming a state needs the flags that decide the next step; the refusal names them and --resume_state 0. A
+    later horizon continues the state, and the run says that the schedule changed."""
     from tests.test_faults import run_main
     proj = str(tmp_path / "run")
     shutil.copytree(reference, proj)
@@ -184,3 +186,7 @@ def test_a_state_of_other_flags_or_another_gpu_count_is_refused(shard_dir, refer
     assert f"the full state {full_state.complete_states(proj)[0][1]} was saved by a run with" in error
     assert "--micro_bsz 2 (now 1), --devices 1 (now 2), --strategy auto (now ddp)" in error
     assert "--resume_state 0" in error
+    with pytest.raises(AssertionError, match="a model was built"):   # run_main's stand-in: past every check
+        run_main(stream_cmd(proj, shard_dir, EPOCHS + 2, "--train_stage", 3)[2:], monkeypatch)
+    assert f"continuing the full state {full_state.complete_states(proj)[0][1]} on another LR schedule: " \
+        f"--epoch_count {EPOCHS + 2} (was {EPOCHS})" in capsys.readouterr().out
