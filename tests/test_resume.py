@@ -190,3 +190,16 @@ def test_a_state_of_other_flags_or_another_gpu_count_is_refused(shard_dir, refer
         run_main(stream_cmd(proj, shard_dir, EPOCHS + 2, "--train_stage", 3)[2:], monkeypatch)
     assert f"continuing the full state {full_state.complete_states(proj)[0][1]} on another LR schedule: " \
         f"--epoch_count {EPOCHS + 2} (was {EPOCHS})" in capsys.readouterr().out
+
+
+def test_rng_states_come_back_from_a_rank_file(tmp_path):
+    """torch's, numpy's and Python's generators continue from a rank file (read with weights_only, as a resume reads
+    it) as they would have without the save."""
+    import numpy as np
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    full_state.write_rank_part(str(tmp_path), 0, {"rng": full_state.rng_states()})
+    expected = torch.rand(3), np.random.rand(3), random.random()
+    torch.manual_seed(7), np.random.seed(8), random.seed(9)
+    full_state.restore_rng_states(full_state.load_part(str(tmp_path), full_state.rank_file(0))["rng"])
+    got = torch.rand(3), np.random.rand(3), random.random()
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
