@@ -163,8 +163,8 @@ class RunConfig:
     load_model: str = flag("", "checkpoints and logs", "start weights (.pth) for --train_stage 0; empty: a new init "
                            "written to --proj_dir/rwkv-init.pth")
     wandb: str = flag("", "checkpoints and logs", "Weights & Biases project to log each step to; empty: off")
-    proj_dir: str = flag("out", "checkpoints and logs", "run folder: rwkv-<n>.pth checkpoints, train_log.txt and "
-                         "the jsonl stream's saved positions")
+    proj_dir: str = flag("out", "checkpoints and logs", "run folder: rwkv-<n>.pth checkpoints, full states "
+                         "(states/), train_log.txt and the jsonl stream's saved positions")
     random_seed: int = flag(-1, "model", "seed of the init, the training and the jsonl shard order; -1: unseeded "
                             "(shard order of seed 0)")
     epoch_save: int = flag(5, "checkpoints and logs", "write rwkv-<n>.pth every this many mini-epochs of a run "
@@ -178,7 +178,8 @@ class RunConfig:
                              "state at its exact step when it is newer than the newest rwkv-<n>.pth; 0: from "
                              "rwkv-<n>.pth only, as the reference (Adam restarts, warmup again)")
     train_stage: int = flag(0, "checkpoints and logs", "0: train from --load_model or a new init; 1: write "
-                            "--proj_dir/rwkv-init.pth and exit; 2 and up: resume from the newest checkpoint there")
+                            "--proj_dir/rwkv-init.pth and exit; 2 and up: resume from the newest full state or "
+                            "checkpoint there")
     load_partial: int = flag(0, "checkpoints and logs", "1: a --load_model file may lack tensors, which keep "
                              "their init")
     enable_progress_bar: bool = flag(True, "checkpoints and logs", "show the progress bar: True or False")
