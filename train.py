@@ -190,18 +190,13 @@ def prepare(flags):
     checkpoint's readability and shapes (a full state's flags too); a new run's init is written here, after the data
     checks. Returns (cfg, dataset, val_tokens, Start)."""
     import torch
-    from src.config import ResumedState
     from src.model import RWKV
     from src.train.checkpoint import check_compatible, nothing_to_resume
     from src.train.full_state import check_state_fits
     check_flags(flags)
     check_accelerator(flags)
     start = start_point(flags)
-    resumed_state = None
-    if start.resume is not None:
-        m = start.resume.manifest
-        resumed_state = ResumedState(m["epoch"], m["step_in_epoch"], m["run_epoch_begin"], m["warmup_steps"])
-    cfg = build_config(flags, start.resumed_epoch, resumed_state)
+    cfg = build_config(flags, start.resumed_epoch, None if start.resume is None else start.resume.resumed_state())
     if start.resume is not None:
         check_state_fits(start.resume.folder, start.resume.manifest, cfg.values())
     os.makedirs(cfg.run.proj_dir, exist_ok=True)

@@ -37,11 +37,10 @@ def assert_same_run(proj, reference, epochs=EPOCHS):
     assert epoch_losses(proj) == epoch_losses(reference) and len(epoch_losses(reference)) == epochs
 
 
-def start_run(proj, reference, cmd):
-    """A new run folder holding the reference's init (the same seed writes the same one); returns cmd."""
+def start_run(proj, reference):
+    """A new run folder holding the reference's init (the same seed writes the same one)."""
     os.makedirs(proj)
     shutil.copy(os.path.join(reference, "rwkv-init.pth"), proj)
-    return cmd
 
 
 def newest_step(proj):
@@ -67,8 +66,8 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(shard_dir, reference, tmp
     """Three or more SIGKILLs of the whole process group: at random moments after a state was written, and once while
     a state is being written (its .partial folder is there after the kill, and the next run removes it)."""
     proj = str(tmp_path / "killed")
-    cmd = start_run(proj, reference, stream_cmd(proj, shard_dir, EPOCHS, "--train_stage", 3, "--save_every_steps",
-                                                EVERY))
+    start_run(proj, reference)
+    cmd = stream_cmd(proj, shard_dir, EPOCHS, "--train_stage", 3, "--save_every_steps", EVERY)
     rng, plan, killed_in_write, outputs = random.Random(0), ["random", "write", "random"], False, []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}   # what a run printed before its kill reaches its output file
     while plan:
@@ -111,7 +110,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(shard_dir, reference, tmp
 def stop_and_resume(proj, reference, argv, steps, tmp_path):
     """A run stopped after `steps` steps (tests/run_steps.py, saving a full state there), then resumed by train.py
     to the end; train.py's output."""
-    start_run(proj, reference, None)
+    start_run(proj, reference)
     run("tests/run_steps.py", "--steps", steps, "--out", tmp_path / "stopped.json", "--", *argv, timeout=600)
     assert newest_step(proj) == steps
     return run("train.py", *argv, timeout=600).stdout

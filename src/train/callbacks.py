@@ -124,8 +124,8 @@ class TrainCallback(pl.Callback):
         state_dict = checkpoint_state_dict(trainer, pl_module)
         if trainer.is_global_zero:
             save_atomic(state_dict, os.path.join(self.cfg.run.proj_dir, "rwkv-final.pth"))
-            print(f"\nEnd of training: the schedule reached its horizon at step {self.cfg.first_step + trainer.global_step}; "
-                  "wrote rwkv-final.pth")
+            print(f"\nEnd of training: the schedule reached its horizon at step "
+                  f"{self.cfg.first_step + trainer.global_step}; wrote rwkv-final.pth")
         self.finished = True
         trainer.should_stop = True
 
@@ -161,7 +161,6 @@ class TrainCallback(pl.Callback):
         self.report_losses()   # no state from weights after a NaN loss
         start = time.time()
         cfg, proj_dir = self.cfg, self.cfg.run.proj_dir
-        epoch, step_in_epoch = divmod(step, cfg.data.epoch_steps)
         if trainer.is_global_zero:
             full_state.start_writing(proj_dir, step)
         trainer.strategy.barrier()
@@ -173,17 +172,13 @@ class TrainCallback(pl.Callback):
             full_state.write_weights(folder, state_dict, None if cfg.run.uses_deepspeed else trainer.optimizers[0],
                                      trainer.precision_plugin.state_dict())
         del state_dict
-        inside = step_in_epoch > 0
+        inside = step % cfg.data.epoch_steps > 0
         full_state.write_rank_part(folder, trainer.global_rank, {
             "loss_sum": self.loss_sum.item() if inside else 0.0, "loss_count": self.loss_count if inside else 0,
             "stream_positions": self.positions if inside else {}, "rng": full_state.rng_states()})
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            final = full_state.finish_writing(proj_dir, step, {
-                "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "run_epoch_begin": cfg.optim.run_epoch_begin, "warmup_steps": cfg.optim.warmup_steps,
-                "world_size": trainer.world_size, "deepspeed": cfg.run.uses_deepspeed, "config": cfg.values()},
-                cfg.run.keep_states)
+            final = full_state.finish_writing(proj_dir, step, full_state.manifest(cfg, step), cfg.run.keep_states)
             print(f"\nwrote the full state {final} in {time.time() - start:.1f} s", flush=True)
         self.state_due, self.saved_at, self.last_save_time = False, step, time.time()
 

@@ -20,6 +20,14 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def write_synced(obj, path):
+    """torch.save `obj` to `path` and fsync it: its bytes are on the disk when this returns."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_atomic(state_dict, path):
     """torch.save to a temporary file beside `path`, fsync, then rename: a crash or a full disk never leaves a
     truncated file under the real name, and the file already there stays intact. Refuses non-finite weights."""
@@ -28,10 +36,7 @@ def save_atomic(state_dict, path):
         raise CheckpointError(f"not writing {path}: NaN or inf in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state_dict, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(state_dict, tmp)
         os.replace(tmp, path)
     except OSError as e:
         if os.path.exists(tmp):

@@ -19,7 +19,8 @@ import zipfile
 import numpy as np
 import torch
 
-from src.train.checkpoint import STATES_DIR
+from src.config import Config, ResumedState
+from src.train.checkpoint import STATES_DIR, write_synced
 
 FORMAT = "rwkv7-full-state-1"
 MANIFEST = "manifest.json"
@@ -151,13 +152,6 @@ def restore_rng_states(states):
 # Writing
 
 
-def _write(obj, path):
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _fsync_tree(folder):
     for root, _, names in os.walk(folder):
         for name in names:
@@ -182,7 +176,7 @@ def start_writing(proj_dir, step):
 def write_weights(folder, state_dict, optimizer, precision_state):
     """Rank 0: the model's weights (as rwkv-<n>.pth holds them) and, without DeepSpeed (optimizer None), the
     optimizer's state dict and the precision plugin's."""
-    _write({"model": state_dict, "optimizer": None if optimizer is None else optimizer.state_dict(),
+    write_synced({"model": state_dict, "optimizer": None if optimizer is None else optimizer.state_dict(),
             "precision": precision_state}, os.path.join(folder, WEIGHTS))
 
 
@@ -192,7 +186,16 @@ def write_deepspeed(folder, engine):
 
 
 def write_rank_part(folder, rank, part):
-    _write(part, os.path.join(folder, rank_file(rank)))
+    write_synced(part, os.path.join(folder, rank_file(rank)))
+
+
+def manifest(cfg: Config, step):
+    """What a state after `step` steps records besides its files: where it is in the schedule (the mini-epoch, the
+    step inside it, the run's first mini-epoch and warmup), how it was saved, and the run's configuration."""
+    epoch, step_in_epoch = divmod(step, cfg.data.epoch_steps)
+    return {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+            "run_epoch_begin": cfg.optim.run_epoch_begin, "warmup_steps": cfg.optim.warmup_steps,
+            "world_size": cfg.run.world_size, "deepspeed": cfg.run.uses_deepspeed, "config": cfg.values()}
 
 
 def finish_writing(proj_dir, step, manifest, keep, log=print):
@@ -247,3 +250,7 @@ class Resume:
         self.folder, self.manifest = folder, manifest
         self.weights = load_part(folder, WEIGHTS)
         self.rank_parts = [load_part(folder, rank_file(r)) for r in range(manifest["world_size"])]
+
+    def resumed_state(self) -> ResumedState:
+        m = self.manifest
+        return ResumedState(m["epoch"], m["step_in_epoch"], m["run_epoch_begin"], m["warmup_steps"])

@@ -4,9 +4,9 @@ import pytest
 
 from tests.conftest import ROOT, run
 
-# the corpus shards: carried into the repo's data/corpus on the GPU machine, else the shared folder
-CARRIED = os.path.join(ROOT, "data", "corpus")
-SHARDS = CARRIED if os.path.isdir(CARRIED) else os.path.join(ROOT, "..", "shared", "data", "corpus")
+# real text for the training checks: four Pile-format shards train-00.jsonl.zst .. train-03.jsonl.zst (about 17 M
+# tokens together) copied into the repository's data/corpus (ignored by git)
+SHARDS = os.path.join(ROOT, "data", "corpus")
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +16,9 @@ def corpus_binidx(tmp_path_factory):
     from src.data.dataset import find_magic_prime
     prefix = str(tmp_path_factory.mktemp("corpus") / "corpus")
     shards = [os.path.join(SHARDS, f"train-0{i}.jsonl.zst") for i in range(4)]
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing: copy four Pile-format .jsonl.zst shards of real English text there")
     run("tools/make_data.py", *shards, "--output", prefix, "--ctx_len", "512")
     return prefix, find_magic_prime(BinIdx(prefix).num_tokens, 512)
 
